@@ -1,0 +1,341 @@
+"""Noise schedules: strictly decreasing maps `t -> logsnr` on [0, 1].
+
+A schedule is an importance-sampling distribution over noise levels (PAPER.md
+section 2): drawing `t ~ U(0, 1)` and mapping it through `logsnr(t)` draws `logsnr`
+from the density `p(logsnr) = -dt/dlogsnr`. Every schedule here is truncated to
+`[logsnr_min, logsnr_max]` and renormalised there, so that `logsnr(0) = logsnr_max`,
+`logsnr(1) = logsnr_min` and the density integrates to one on the range.
+
+Closed forms (PAPER.md section 1, with the truncation constant):
+
+| name | `logsnr(t)` | `p(logsnr)` before truncation |
+|---|---|---|
+| `cosine` | `-2 log tan(pi t / 2)` | `sech(logsnr / 2) / (2 pi)` |
+| `shifted_cosine` | `logsnr_cosine(t) + shift` | `p_cosine(logsnr - shift)` |
+| `edm` | `-2 p_mean - 2 p_std Phi^-1(t)` | `N(logsnr; -2 p_mean, 4 p_std^2)` |
+| `fm_ot` | `2 log((1 - t) / t)` | `sech^2(logsnr / 4) / 8` |
+| `linear` | `max + t (min - max)` | `1 / (max - min)` |
+
+(`shift = 2 log(base / resolution)`; `min`, `max` are the end points.)
+
+Each closed form is evaluated from whichever end of the range keeps it accurate, so
+that float32 stays finite for end points as far out as +-40.
+"""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtr, ndtri
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar, ScalarLike
+
+
+def check_logsnr_range(owner: str, logsnr_min: float, logsnr_max: float) -> None:
+    """Raise `ValueError` unless `logsnr_min < logsnr_max`, both finite."""
+    if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max)):
+        raise ValueError(
+            f"{owner}: logsnr_min={logsnr_min} and logsnr_max={logsnr_max} must both "
+            "be finite numbers."
+        )
+    if not logsnr_min < logsnr_max:
+        raise ValueError(
+            f"{owner}: logsnr_min={logsnr_min} must be below "
+            f"logsnr_max={logsnr_max}; a schedule runs from logsnr_max at t=0 down "
+            "to logsnr_min at t=1."
+        )
+
+
+def _as_float(t: ScalarLike) -> Array:
+    return jnp.asarray(t, dtype=jnp.result_type(t, float))
+
+
+class Schedule(eqx.Module):
+    """A strictly decreasing noise schedule truncated to `[logsnr_min, logsnr_max]`.
+
+    Subclasses implement `logsnr`, `t_of_logsnr` and `log_density` on the range;
+    `density` is zero outside it.
+    """
+
+    logsnr_min: eqx.AbstractVar[float]
+    logsnr_max: eqx.AbstractVar[float]
+
+    def __check_init__(self):
+        check_logsnr_range(type(self).__name__, self.logsnr_min, self.logsnr_max)
+
+    @abc.abstractmethod
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        """Log-SNR at time `t` in [0, 1]."""
+
+    @abc.abstractmethod
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        """Inverse of `logsnr(t)`, clipped to [0, 1] outside the range."""
+
+    @abc.abstractmethod
+    def _log_density(self, logsnr: Array) -> Array:
+        """Log of `-dt/dlogsnr` on the range (no masking)."""
+
+    def log_density(self, logsnr: ScalarLike) -> Scalar:
+        """`log p(logsnr)`; `-inf` outside `[logsnr_min, logsnr_max]`."""
+        logsnr = _as_float(logsnr)
+        inside = (logsnr >= self.logsnr_min) & (logsnr <= self.logsnr_max)
+        safe = jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+        return jnp.where(inside, self._log_density(safe), -jnp.inf)
+
+    def density(self, logsnr: ScalarLike) -> Scalar:
+        """`p(logsnr) = -dt/dlogsnr`; zero outside `[logsnr_min, logsnr_max]`."""
+        return jnp.exp(self.log_density(logsnr))
+
+    def sample(self, *, key: PRNGKeyArray) -> Scalar:
+        """Draw `logsnr ~ p` by mapping `t ~ U(0, 1)` through `logsnr(t)`."""
+        return self.logsnr(jax.random.uniform(key))
+
+    def logsnr_from_uniform(self, u: Float[ArrayLike, "*n"]) -> Float[Array, "*n"]:
+        """Map uniforms in [0, 1] through the schedule (for stratified draws)."""
+        return jnp.vectorize(self.logsnr)(u)
+
+
+# --- cosine ---------------------------------------------------------------------------
+
+
+def _cosine_angles(logsnr_min: float, logsnr_max: float) -> tuple[float, float, float]:
+    # NOTE: `a` is the angle at t=0 and `b` is pi/2 minus the angle at t=1, both
+    # computed directly (atan(x) + atan(1/x) = pi/2) so neither end loses precision.
+    a = math.atan(math.exp(-logsnr_max / 2))
+    b = math.atan(math.exp(logsnr_min / 2))
+    return a, b, math.pi / 2 - a - b
+
+
+def _cosine_logsnr(t, logsnr_min, logsnr_max):
+    a, b, width = _cosine_angles(logsnr_min, logsnr_max)
+    t = _as_float(t)
+    u = a + t * width  # angle from 0, accurate when small
+    v = b + (1 - t) * width  # angle from pi/2, accurate when small
+    quarter = math.pi / 4
+    from_u = -2 * jnp.log(jnp.tan(jnp.minimum(u, quarter)))
+    from_v = 2 * jnp.log(jnp.tan(jnp.minimum(v, quarter)))
+    logsnr = jnp.where(u <= v, from_u, from_v)
+    return jnp.clip(logsnr, logsnr_min, logsnr_max)
+
+
+def _cosine_t(logsnr, logsnr_min, logsnr_max):
+    a, b, width = _cosine_angles(logsnr_min, logsnr_max)
+    logsnr = _as_float(logsnr)
+    positive = logsnr >= 0
+    logsnr_pos = jnp.where(positive, logsnr, 0.0)
+    logsnr_neg = jnp.where(positive, 0.0, logsnr)
+    t_high = (jnp.arctan(jnp.exp(-logsnr_pos / 2)) - a) / width
+    t_low = 1 - (jnp.arctan(jnp.exp(logsnr_neg / 2)) - b) / width
+    return jnp.clip(jnp.where(positive, t_high, t_low), 0.0, 1.0)
+
+
+def _log_sech(x):
+    return math.log(2.0) - jnp.logaddexp(x, -x)
+
+
+def _cosine_log_density(logsnr, logsnr_min, logsnr_max):
+    # -dt/dlogsnr = sech(logsnr / 2) / (4 width) on the truncated range.
+    _, _, width = _cosine_angles(logsnr_min, logsnr_max)
+    return _log_sech(logsnr / 2) - math.log(4 * width)
+
+
+class Cosine(Schedule):
+    """Cosine schedule `alpha = cos(pi t / 2)`, truncated: `logsnr = -2 log tan(angle)`.
+
+    The angle runs linearly from `atan(exp(-logsnr_max / 2))` at t=0 to
+    `atan(exp(-logsnr_min / 2))` at t=1; `p(logsnr)` is proportional to
+    `sech(logsnr / 2)`.
+    """
+
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        return _cosine_logsnr(t, self.logsnr_min, self.logsnr_max)
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        return _cosine_t(logsnr, self.logsnr_min, self.logsnr_max)
+
+    def _log_density(self, logsnr):
+        return _cosine_log_density(logsnr, self.logsnr_min, self.logsnr_max)
+
+
+class ShiftedCosine(Schedule):
+    """Cosine schedule shifted for resolution `d`: `logsnr = logsnr_cosine(t) + shift`.
+
+    `shift = 2 log(base_resolution / resolution)` (negative above the base), so that a
+    `d x d` image sees the noise levels a `base x base` image sees under `cosine`. The
+    underlying cosine is truncated to `[logsnr_min - shift, logsnr_max - shift]`, so
+    this schedule still spans `[logsnr_min, logsnr_max]`.
+    """
+
+    resolution: float = eqx.field(default=128.0, converter=float)
+    base_resolution: float = eqx.field(default=64.0, converter=float)
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def __check_init__(self):
+        for name in ("resolution", "base_resolution"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"ShiftedCosine: {name}={value} must be positive.")
+
+    @property
+    def shift(self) -> float:
+        """`2 log(base_resolution / resolution)`."""
+        return 2 * math.log(self.base_resolution / self.resolution)
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
+        return _cosine_logsnr(t, lo, hi) + self.shift
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
+        return _cosine_t(_as_float(logsnr) - self.shift, lo, hi)
+
+    def _log_density(self, logsnr):
+        lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
+        return _cosine_log_density(logsnr - self.shift, lo, hi)
+
+
+# --- EDM ------------------------------------------------------------------------------
+
+
+def _phi(x: float) -> float:
+    """Standard normal CDF of a Python float, in double precision."""
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+class EDM(Schedule):
+    """EDM training distribution `ln sigma_VE ~ N(p_mean, p_std^2)`, in log-SNR.
+
+    With `sigma_VE^2 = exp(-logsnr)`, `logsnr ~ N(-2 p_mean, (2 p_std)^2)`, i.e.
+    `N(2.4, 2.4^2)` for Karras et al.'s `p_mean = -1.2`, `p_std = 1.2`; truncated to
+    the range. `logsnr(t)` is the inverse normal CDF, decreasing in `t`.
+    """
+
+    p_mean: float = eqx.field(default=-1.2, converter=float)
+    p_std: float = eqx.field(default=1.2, converter=float)
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def __check_init__(self):
+        if not self.p_std > 0:
+            raise ValueError(f"EDM: p_std={self.p_std} must be positive.")
+
+    @property
+    def mean(self) -> float:
+        return -2 * self.p_mean
+
+    @property
+    def std(self) -> float:
+        return 2 * self.p_std
+
+    def _standard_ends(self):
+        return (
+            (self.logsnr_min - self.mean) / self.std,
+            (self.logsnr_max - self.mean) / self.std,
+        )
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        t = _as_float(t)
+        a, b = self._standard_ends()
+        # NOTE: the lower tail mass `p` and the upper tail mass `q = 1 - p` are both
+        # formed from the tails themselves; ndtri is applied to the smaller one.
+        p = _phi(a) + (1 - t) * (_phi(b) - _phi(a))
+        q = _phi(-b) + t * (_phi(-a) - _phi(-b))
+        u = jnp.where(p <= 0.5, ndtri(jnp.minimum(p, 0.5)), -ndtri(jnp.minimum(q, 0.5)))
+        return jnp.clip(self.mean + self.std * u, self.logsnr_min, self.logsnr_max)
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        a, b = self._standard_ends()
+        u = (_as_float(logsnr) - self.mean) / self.std
+        # t = (Phi(b) - Phi(u)) / (Phi(b) - Phi(a)), written with upper tails.
+        t = (ndtr(-u) - _phi(-b)) / (_phi(-a) - _phi(-b))
+        return jnp.clip(t, 0.0, 1.0)
+
+    def _log_density(self, logsnr):
+        a, b = self._standard_ends()
+        u = (logsnr - self.mean) / self.std
+        mass = _phi(-a) - _phi(-b) if abs(a) < abs(b) else _phi(b) - _phi(a)
+        return -0.5 * u**2 - 0.5 * math.log(2 * math.pi) - math.log(self.std * mass)
+
+
+# --- flow matching, optimal-transport path -------------------------------------------
+
+
+class FlowMatchingOT(Schedule):
+    """The linear interpolation path `z = (1 - t) x + t eps` of flow matching.
+
+    Its log-SNR is `2 log((1 - t) / t)`; uniform `t` makes `logsnr` logistic with
+    scale 2, `p(logsnr) = sech^2(logsnr / 4) / 8`. The truncated version maps `t`
+    linearly onto `[sigmoid(-logsnr_max / 2), sigmoid(-logsnr_min / 2)]`.
+    """
+
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def _ends(self):
+        a = 1 / (1 + math.exp(self.logsnr_max / 2))  # sigmoid(-logsnr_max / 2)
+        b = 1 / (1 + math.exp(-self.logsnr_min / 2))  # sigmoid(logsnr_min / 2)
+        return a, b, 1 - a - b
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        a, b, width = self._ends()
+        t = _as_float(t)
+        path_sigma = a + t * width
+        path_alpha = b + (1 - t) * width
+        logsnr = 2 * (jnp.log(path_alpha) - jnp.log(path_sigma))
+        return jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        a, b, width = self._ends()
+        logsnr = _as_float(logsnr)
+        t_high = (jax.nn.sigmoid(-logsnr / 2) - a) / width
+        t_low = 1 - (jax.nn.sigmoid(logsnr / 2) - b) / width
+        return jnp.clip(jnp.where(logsnr >= 0, t_high, t_low), 0.0, 1.0)
+
+    def _log_density(self, logsnr):
+        _, _, width = self._ends()
+        log_sig = jax.nn.log_sigmoid(logsnr / 2) + jax.nn.log_sigmoid(-logsnr / 2)
+        return log_sig - math.log(2 * width)
+
+
+# --- linear in log-SNR ----------------------------------------------------------------
+
+
+class Linear(Schedule):
+    """Log-SNR linear in `t`: uniform density `1 / (logsnr_max - logsnr_min)`."""
+
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        t = _as_float(t)
+        return self.logsnr_max + t * (self.logsnr_min - self.logsnr_max)
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        t = (self.logsnr_max - _as_float(logsnr)) / (self.logsnr_max - self.logsnr_min)
+        return jnp.clip(t, 0.0, 1.0)
+
+    def _log_density(self, logsnr):
+        return jnp.full_like(logsnr, -math.log(self.logsnr_max - self.logsnr_min))
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    "cosine": Cosine,
+    "shifted_cosine": ShiftedCosine,
+    "edm": EDM,
+    "fm_ot": FlowMatchingOT,
+    "linear": Linear,
+}
+
+
+def get_schedule(name: str, **kwargs) -> Schedule:
+    """Build the schedule `SCHEDULES[name](**kwargs)`, naming valid names on error."""
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"Unknown schedule {name!r}; valid names are {sorted(SCHEDULES)}."
+        )
+    return SCHEDULES[name](**kwargs)

@@ -1,0 +1,365 @@
+"""Weighting functions `w(logsnr)` and the noise augmentation they imply.
+
+The weighted loss (PAPER.md section 2) is
+`L_w(x) = 1/2 Int w(logsnr) E_eps ||eps_hat - eps||^2 dlogsnr`. By the paper's main
+result (section 4), a weighting that is non-increasing in `logsnr` makes `L_w` the
+ELBO of data augmented with Gaussian noise whose level has density
+
+    p_w(logsnr) = -(dw/dlogsnr) / w(logsnr_min)   on [logsnr_min, logsnr_max],
+
+plus a point mass `w(logsnr_max) / w(logsnr_min)` at `logsnr_max`. Whether a weighting
+is monotonic is computed here from its derivative, never declared.
+
+Closed forms of Table 1 (up to a constant) and the proposed weightings:
+
+| name | `w(logsnr)` |
+|---|---|
+| `elbo` | `1` |
+| `eps_cosine` | `sech(logsnr / 2)` |
+| `edm` | `N(logsnr; 2.4, 2.4^2) (exp(-logsnr) + sigma_data^2) / sigma_data^2` |
+| `v_cosine` | `exp(-logsnr / 2)` |
+| `fm_ot` | `exp(-logsnr / 2)` |
+| `indi` | `exp(-logsnr) sech^2(logsnr / 4)` |
+| `p2` | `sech(logsnr / 2) / (k + exp(logsnr))^gamma` |
+| `min_snr` | `sech(logsnr / 2) min(1, gamma exp(-logsnr))` |
+| `sigmoid` | `sigmoid(bias - logsnr)` |
+| `edm_monotonic` | `max over logsnr' >= logsnr of w_edm(logsnr')` |
+
+`Shifted(weighting, resolution)` evaluates any of them at `logsnr - shift` with
+`shift = 2 log(64 / resolution)`, the "-shifted" variants of section 5.
+"""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar, ScalarLike
+
+from .schedules import check_logsnr_range
+
+# Grid on which monotonicity is computed unless the caller gives a range.
+MONOTONIC_CHECK_RANGE = (-20.0, 20.0)
+MONOTONIC_CHECK_POINTS = 4001
+# Bisection steps when inverting a monotonic weighting: 2^-64 of the range is below
+# float64 resolution for any range used here.
+INVERSE_BISECTION_STEPS = 64
+
+
+def _as_float(x: ScalarLike) -> Array:
+    return jnp.asarray(x, dtype=jnp.result_type(x, float))
+
+
+def _log_sech(x):
+    return math.log(2.0) - jnp.logaddexp(x, -x)
+
+
+class Weighting(eqx.Module):
+    """A weighting function `w(logsnr) > 0`, evaluated in log space."""
+
+    @abc.abstractmethod
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        """`log w(logsnr)`."""
+
+    def __call__(self, logsnr: ScalarLike) -> Scalar:
+        """`w(logsnr)`."""
+        return jnp.exp(self.log_weight(logsnr))
+
+    def dlog_weight(self, logsnr: ScalarLike) -> Scalar:
+        """`d log w / dlogsnr` by autodiff."""
+        return jax.grad(self.log_weight)(_as_float(logsnr))
+
+    def dweight(self, logsnr: ScalarLike) -> Scalar:
+        """`dw / dlogsnr` by autodiff, formed as `w d(log w)/dlogsnr`."""
+        return self(logsnr) * self.dlog_weight(logsnr)
+
+    def max_log_slope(
+        self,
+        logsnr_min: float = MONOTONIC_CHECK_RANGE[0],
+        logsnr_max: float = MONOTONIC_CHECK_RANGE[1],
+        num_points: int = MONOTONIC_CHECK_POINTS,
+    ) -> float:
+        """Largest `d log w / dlogsnr` on a uniform grid over the range."""
+        check_logsnr_range(type(self).__name__, logsnr_min, logsnr_max)
+        with jax.ensure_compile_time_eval():
+            grid = jnp.linspace(logsnr_min, logsnr_max, num_points)
+            slopes = jax.vmap(self.dlog_weight)(grid)
+            return float(jnp.max(slopes))
+
+    def is_monotonic(
+        self,
+        logsnr_min: float = MONOTONIC_CHECK_RANGE[0],
+        logsnr_max: float = MONOTONIC_CHECK_RANGE[1],
+        num_points: int = MONOTONIC_CHECK_POINTS,
+    ) -> bool:
+        """Whether `w` is non-increasing in `logsnr`, computed from its derivative.
+
+        The slope of `log w` is evaluated by autodiff on `num_points` points; a
+        weighting counts as monotonic when no slope exceeds rounding level
+        (`100 eps` of the working precision). Weightings with flat stretches, such
+        as `edm_monotonic`, have slope exactly zero there.
+        """
+        dtype = jnp.result_type(float)
+        tolerance = 100 * float(jnp.finfo(dtype).eps)
+        return self.max_log_slope(logsnr_min, logsnr_max, num_points) <= tolerance
+
+    def augmentation_density(
+        self, logsnr: ScalarLike, logsnr_min: float, logsnr_max: float
+    ) -> Scalar:
+        """`p_w(logsnr) = -(dw/dlogsnr) / w(logsnr_min)` on the range, else 0.
+
+        For a non-monotonic weighting this is the signed density of the by-parts
+        decomposition; its negative parts are the ELBOs the objective pushes up.
+        """
+        logsnr = _as_float(logsnr)
+        inside = (logsnr >= logsnr_min) & (logsnr <= logsnr_max)
+        safe = jnp.clip(logsnr, logsnr_min, logsnr_max)
+        relative = jnp.exp(self.log_weight(safe) - self.log_weight(logsnr_min))
+        return jnp.where(inside, -self.dlog_weight(safe) * relative, 0.0)
+
+    def augmentation_point_mass(self, logsnr_min: float, logsnr_max: float) -> Scalar:
+        """Mass `w(logsnr_max) / w(logsnr_min)` that `p_w` leaves at `logsnr_max`."""
+        return jnp.exp(self.log_weight(logsnr_max) - self.log_weight(logsnr_min))
+
+    def sample_augmentation(
+        self, logsnr_min: float, logsnr_max: float, *, key: PRNGKeyArray
+    ) -> Scalar:
+        """Draw a noise level from `p_w` and its point mass, by inverting the CDF.
+
+        The CDF is `1 - w(logsnr) / w(logsnr_min)` below `logsnr_max`; it is inverted
+        by bisection on `log w`, so any monotonic weighting can be sampled.
+        """
+        check_logsnr_range(type(self).__name__, logsnr_min, logsnr_max)
+        try:
+            with jax.ensure_compile_time_eval():
+                monotonic = self.is_monotonic(logsnr_min, logsnr_max)
+        except jax.errors.ConcretizationTypeError:
+            monotonic = True  # fields are traced; the caller vouches for them
+        if not monotonic:
+            raise ValueError(
+                f"{type(self).__name__} is not monotonic on [{logsnr_min}, "
+                f"{logsnr_max}], so its p_w has negative parts and cannot be sampled."
+            )
+
+        log_w_min = self.log_weight(logsnr_min)
+        u = jax.random.uniform(key, dtype=jnp.result_type(float))
+        target = log_w_min + jnp.log1p(-u)
+
+        def bisect(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            above = self.log_weight(mid) >= target
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(
+            0,
+            INVERSE_BISECTION_STEPS,
+            bisect,
+            (_as_float(logsnr_min), _as_float(logsnr_max)),
+        )
+        in_point_mass = self.log_weight(logsnr_max) >= target
+        return jnp.where(in_point_mass, logsnr_max, 0.5 * (lo + hi))
+
+
+class ELBO(Weighting):
+    """`w = 1`: the continuous-time ELBO of VDM."""
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return jnp.zeros_like(_as_float(logsnr))
+
+
+class EpsCosine(Weighting):
+    """`w = sech(logsnr / 2)`: eps-MSE under the cosine schedule (IDDPM)."""
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return _log_sech(_as_float(logsnr) / 2)
+
+
+class EDM(Weighting):
+    """EDM's implied weighting, `N(logsnr; -2 p_mean, (2 p_std)^2) / c_out^2`.
+
+    `1 / c_out^2` on the eps-MSE is `(exp(-logsnr) + sigma_data^2) / sigma_data^2`
+    (PAPER.md section 2).
+    """
+
+    p_mean: float = eqx.field(default=-1.2, converter=float)
+    p_std: float = eqx.field(default=1.2, converter=float)
+    sigma_data: float = eqx.field(default=0.5, converter=float)
+
+    def __check_init__(self):
+        for name in ("p_std", "sigma_data"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"EDM: {name}={getattr(self, name)} must be positive.")
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = _as_float(logsnr)
+        mean, std = -2 * self.p_mean, 2 * self.p_std
+        log_normal = -0.5 * ((logsnr - mean) / std) ** 2 - 0.5 * math.log(
+            2 * math.pi * std**2
+        )
+        log_sd2 = 2 * math.log(self.sigma_data)
+        return log_normal + jnp.logaddexp(-logsnr, log_sd2) - log_sd2
+
+
+class VCosine(Weighting):
+    """`w = exp(-logsnr / 2)`: v-MSE under the cosine schedule."""
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return -_as_float(logsnr) / 2
+
+
+class FlowMatchingOT(Weighting):
+    """`w = exp(-logsnr / 2)`: velocity MSE on the linear path with uniform `t`."""
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return -_as_float(logsnr) / 2
+
+
+class InDI(Weighting):
+    """`w = exp(-logsnr) sech^2(logsnr / 4)`: x-MSE on the linear path (InDI)."""
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = _as_float(logsnr)
+        return -logsnr + 2 * _log_sech(logsnr / 4)
+
+
+class P2(Weighting):
+    """`w = sech(logsnr / 2) / (k + exp(logsnr))^gamma`: P2 weighting, cosine."""
+
+    gamma: float = eqx.field(default=1.0, converter=float)
+    k: float = eqx.field(default=1.0, converter=float)
+
+    def __check_init__(self):
+        if not self.k > 0:
+            raise ValueError(f"P2: k={self.k} must be positive.")
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = _as_float(logsnr)
+        return _log_sech(logsnr / 2) - self.gamma * jnp.logaddexp(
+            math.log(self.k), logsnr
+        )
+
+
+class MinSNR(Weighting):
+    """`w = sech(logsnr / 2) min(1, gamma exp(-logsnr))`: Min-SNR-gamma, eps form."""
+
+    gamma: float = eqx.field(default=5.0, converter=float)
+
+    def __check_init__(self):
+        if not self.gamma > 0:
+            raise ValueError(f"MinSNR: gamma={self.gamma} must be positive.")
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = _as_float(logsnr)
+        return _log_sech(logsnr / 2) + jnp.minimum(0.0, math.log(self.gamma) - logsnr)
+
+
+class Sigmoid(Weighting):
+    """`w = sigmoid(bias - logsnr)`; its `p_w` is Logistic(bias, 1). Section 5."""
+
+    bias: float = eqx.field(default=2.0, converter=float)
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return jax.nn.log_sigmoid(self.bias - _as_float(logsnr))
+
+
+def _single_peak(weighting: Weighting, lo: float, hi: float, num_points: int) -> float:
+    """Location of the maximum of a unimodal `log w`, refined by Brent's method."""
+    grid = np.linspace(lo, hi, num_points)
+    with jax.ensure_compile_time_eval():
+        slopes = np.asarray(jax.vmap(weighting.dlog_weight)(jnp.asarray(grid)))
+    crossings = np.nonzero((slopes[:-1] > 0) & (slopes[1:] <= 0))[0]
+    rises = np.nonzero((slopes[:-1] <= 0) & (slopes[1:] > 0))[0]
+    if len(crossings) != 1 or len(rises) != 0:
+        raise ValueError(
+            f"{type(weighting).__name__} is not unimodal on [{lo}, {hi}]: its log "
+            f"slope changes sign {len(crossings) + len(rises)} times."
+        )
+    i = int(crossings[0])
+
+    def slope(value):
+        with jax.ensure_compile_time_eval():
+            return float(weighting.dlog_weight(value))
+
+    return float(scipy.optimize.brentq(slope, grid[i], grid[i + 1], xtol=1e-12))
+
+
+class EDMMonotonic(Weighting):
+    """`w(logsnr) = max over logsnr' >= logsnr of w_edm(logsnr')`. Section 5.
+
+    Equal to the EDM weighting above its peak and flat at the peak value below it.
+    The peak (about -3.308 for the default constants) is located numerically when
+    the weighting is built.
+    """
+
+    edm: EDM
+    logsnr_peak: float
+
+    def __init__(
+        self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5
+    ):
+        self.edm = EDM(p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)
+        self.logsnr_peak = _single_peak(self.edm, -40.0, 40.0, 8001)
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return self.edm.log_weight(jnp.maximum(_as_float(logsnr), self.logsnr_peak))
+
+
+class Shifted(Weighting):
+    """Any weighting evaluated at `logsnr - shift`, `shift = 2 log(base / resolution)`.
+
+    At resolution 128 the shift is `-2 log 2`, moving the weighting toward noisier
+    levels, as the shifted cosine schedule moves its density.
+    """
+
+    weighting: Weighting
+    resolution: float = eqx.field(default=128.0, converter=float)
+    base_resolution: float = eqx.field(default=64.0, converter=float)
+
+    def __check_init__(self):
+        for name in ("resolution", "base_resolution"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"Shifted: {name}={getattr(self, name)} must be positive."
+                )
+
+    @property
+    def shift(self) -> float:
+        return 2 * math.log(self.base_resolution / self.resolution)
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
+        return self.weighting.log_weight(_as_float(logsnr) - self.shift)
+
+
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    "elbo": ELBO,
+    "eps_cosine": EpsCosine,
+    "edm": EDM,
+    "v_cosine": VCosine,
+    "fm_ot": FlowMatchingOT,
+    "indi": InDI,
+    "p2": P2,
+    "min_snr": MinSNR,
+    "sigmoid": Sigmoid,
+    "edm_monotonic": EDMMonotonic,
+}
+
+
+def get_weighting(name: str, **kwargs) -> Weighting:
+    """Build `WEIGHTINGS[name](**kwargs)`, naming the valid names on error."""
+    if name not in WEIGHTINGS:
+        raise ValueError(
+            f"Unknown weighting {name!r}; valid names are {sorted(WEIGHTINGS)}."
+        )
+    return WEIGHTINGS[name](**kwargs)
+
+
+def normalized(
+    weighting: Weighting, logsnr: Float[ArrayLike, " n"]
+) -> Float[Array, " n"]:
+    """`w / max w` over the given points, for plotting on one axis."""
+    log_w = jax.vmap(weighting.log_weight)(_as_float(logsnr))
+    return jnp.exp(log_w - jnp.max(log_w))
