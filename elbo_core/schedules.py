@@ -323,12 +323,94 @@ class Linear(Schedule):
         return jnp.full_like(logsnr, -math.log(self.logsnr_max - self.logsnr_min))
 
 
+# --- piecewise constant (the adaptive schedule's proposal) --------------------------
+
+
+class PiecewiseConstant(Schedule):
+    """A density constant on `num_bins` equal-width bins of `[logsnr_min, logsnr_max]`.
+
+    The paper's adaptive noise schedule (PAPER.md section 5) is of this form: bin
+    masses proportional to a running estimate of the weighted loss per bin. Drawing
+    `t ~ U(0, 1)` picks a bin with probability equal to its mass, then a level
+    uniformly inside it. `bin_weights` need not be normalised but must be positive,
+    so that every level keeps a non-zero proposal density and importance weights stay
+    finite. They are an array field: updating them inside `jit` does not recompile.
+    """
+
+    bin_weights: Float[Array, " num_bins"]
+    logsnr_min: float = eqx.field(default=-15.0, converter=float)
+    logsnr_max: float = eqx.field(default=15.0, converter=float)
+
+    def __check_init__(self):
+        weights = self.bin_weights
+        if isinstance(weights, jax.core.Tracer):
+            return
+        if weights.ndim != 1 or weights.shape[0] < 1:
+            raise ValueError(
+                "PiecewiseConstant: bin_weights must be a non-empty vector; got shape "
+                f"{weights.shape}."
+            )
+        if not bool(jnp.all(jnp.isfinite(weights) & (weights > 0))):
+            raise ValueError(
+                "PiecewiseConstant: every bin weight must be positive and finite; got "
+                f"bin_weights={weights}."
+            )
+
+    @property
+    def num_bins(self) -> int:
+        return self.bin_weights.shape[0]
+
+    @property
+    def bin_width(self) -> float:
+        return (self.logsnr_max - self.logsnr_min) / self.num_bins
+
+    def bin_edges(self) -> Float[Array, " num_bins+1"]:
+        """Edges of the bins, increasing in logsnr."""
+        return jnp.linspace(self.logsnr_min, self.logsnr_max, self.num_bins + 1)
+
+    def probabilities(self) -> Float[Array, " num_bins"]:
+        """Bin masses, summing to one, ordered by increasing logsnr."""
+        return self.bin_weights / jnp.sum(self.bin_weights)
+
+    def _mass_above(self):
+        # Mass of the bins above each bin's upper edge, i.e. t at that edge.
+        probs = self.probabilities()
+        return jnp.cumsum(probs[::-1])[::-1] - probs
+
+    def logsnr(self, t: ScalarLike) -> Scalar:
+        t = _as_float(t)
+        probs = self.probabilities()
+        above = self._mass_above()
+        # Bin j holds t in [above_j, above_j + probs_j); `above` decreases in j.
+        j = jnp.clip(jnp.sum(above > t), 0, self.num_bins - 1)
+        upper = self.logsnr_min + (j + 1) * self.bin_width
+        logsnr = upper - (t - above[j]) / probs[j] * self.bin_width
+        return jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+
+    def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = jnp.clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
+        j = jnp.floor((logsnr - self.logsnr_min) / self.bin_width).astype(int)
+        j = jnp.clip(j, 0, self.num_bins - 1)
+        upper = self.logsnr_min + (j + 1) * self.bin_width
+        t = (
+            self._mass_above()[j]
+            + (upper - logsnr) / self.bin_width * (self.probabilities()[j])
+        )
+        return jnp.clip(t, 0.0, 1.0)
+
+    def _log_density(self, logsnr):
+        j = jnp.floor((logsnr - self.logsnr_min) / self.bin_width).astype(int)
+        j = jnp.clip(j, 0, self.num_bins - 1)
+        return jnp.log(self.probabilities()[j]) - math.log(self.bin_width)
+
+
 SCHEDULES: dict[str, type[Schedule]] = {
     "cosine": Cosine,
     "shifted_cosine": ShiftedCosine,
     "edm": EDM,
     "fm_ot": FlowMatchingOT,
     "linear": Linear,
+    "piecewise_constant": PiecewiseConstant,
 }
 
 
