@@ -19,6 +19,12 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 
+class NotebookMetrics(dict):
+    """A notebook's parsed `metrics.json`; `output_dir` is where it wrote files."""
+
+    output_dir: Path
+
+
 @pytest.fixture(scope="session")
 def run_quick_notebook(tmp_path_factory) -> Callable[..., dict]:
     """Return `run(name, *, notebooks_dir=None) -> metrics` for notebook smoke tests.
@@ -51,6 +57,8 @@ def run_quick_notebook(tmp_path_factory) -> Callable[..., dict]:
                 f"executed notebook: {result.executed}",
                 pytrace=False,
             )
-        return json.loads(result.metrics_path.read_text())
+        metrics = NotebookMetrics(json.loads(result.metrics_path.read_text()))
+        metrics.output_dir = result.metrics_path.parent
+        return metrics
 
     return run
