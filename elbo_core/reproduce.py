@@ -290,10 +290,11 @@ def _plan(
             )
         unknown = [p for p in parameters if p not in declared[name]]
         if unknown:
+            settable = [p for p in declared[name] if p not in INJECTED_PARAMETERS]
             problems.append(
                 f"preset {preset!r} sets parameter {_names(unknown)} for notebook "
                 f"{name!r}, which its parameters cell does not define; valid "
-                f"parameters: {_names(list(declared[name]))}."
+                f"parameters: {_names(settable)}."
             )
     if problems:
         raise ConfigurationError(" ".join(problems))

@@ -1,0 +1,197 @@
+"""Repository invariants: environments agree, notebooks are clean, presets are valid.
+
+These checks hold for any number of notebooks, zero included, and keep holding as
+notebooks and preset entries are added.
+"""
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+
+import nbformat
+import papermill
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from elbo_core import reproduce
+
+ROOT = reproduce.repo_root()
+NOTEBOOKS_DIR = ROOT / "notebooks"
+NOTEBOOK_PATHS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+PRESET_PATHS = [NOTEBOOKS_DIR / "presets" / f"{p}.yaml" for p in reproduce.PRESETS]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _dependency_names(project: dict) -> set[str]:
+    """Canonical names of every dependency, optional extras included."""
+    requirements = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements.extend(extra)
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
+def test_environment_yml_installs_the_package_from_pyproject():
+    project = _pyproject()["project"]
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text("utf-8"))
+    assert "conda-forge" in environment["channels"]
+
+    conda = [d for d in environment["dependencies"] if isinstance(d, str)]
+    pip_sections = [
+        d["pip"] for d in environment["dependencies"] if isinstance(d, dict)
+    ]
+    assert len(pip_sections) == 1, "environment.yml needs exactly one pip section"
+    [pip] = pip_sections
+
+    # Conda supplies Python and pip; pip installs the package with its dev extra.
+    conda_names = {re.split(r"[=<>!~ ]", d, maxsplit=1)[0]: d for d in conda}
+    assert {"python", "pip"} <= set(conda_names)
+    normalised_pip = [re.sub(r"[\s'\"]", "", entry) for entry in pip]
+    assert "-e.[dev]" in normalised_pip, "the pip section must install -e .[dev]"
+
+    # Anything else listed must be a dependency that pyproject.toml already declares.
+    declared = _dependency_names(project)
+    extra_conda = {canonicalize_name(n) for n in conda_names} - {"python", "pip"}
+    extra_pip = {
+        canonicalize_name(Requirement(entry).name)
+        for entry in pip
+        if not entry.lstrip().startswith("-")
+    }
+    assert extra_conda <= declared, f"not in pyproject.toml: {extra_conda - declared}"
+    assert extra_pip <= declared, f"not in pyproject.toml: {extra_pip - declared}"
+
+    # The pinned Python satisfies requires-python.
+    match = re.fullmatch(r"python\s*=+\s*([0-9.]+)\*?", conda_names["python"])
+    assert match, f"pin Python to a version, got {conda_names['python']!r}"
+    assert SpecifierSet(project["requires-python"]).contains(match[1] + ".0")
+
+
+def test_notebooks_follow_the_naming_scheme():
+    for path in NOTEBOOK_PATHS:
+        assert reproduce.NOTEBOOK_PATTERN.match(path.name), (
+            f"{path.name} must be named NN_name.ipynb to be found by the runner"
+        )
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda path: path.stem)
+def test_notebook_is_committed_without_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert "papermill" not in notebook.metadata, "this is an executed copy"
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code":
+            continue
+        assert cell.outputs == [], f"cell {index} of {path.name} carries outputs"
+        assert cell.execution_count is None, (
+            f"cell {index} of {path.name} carries an execution count"
+        )
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda path: path.stem)
+def test_notebook_has_parameters_cell_with_injected_names(path):
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.metadata.get("kernelspec", {}).get("name") == reproduce.KERNEL_NAME
+    tagged = [
+        cell
+        for cell in notebook.cells
+        if "parameters" in cell.get("metadata", {}).get("tags", [])
+    ]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    assert tagged[0].cell_type == "code"
+
+    parameters = papermill.inspect_notebook(str(path))
+    for name in reproduce.INJECTED_PARAMETERS:
+        assert name in parameters, f"{path.name} must define {name} in its parameters"
+
+    # The defaults are the quick preset, writing where the runner's quick run writes.
+    assert ast.literal_eval(parameters["preset"]["default"]) == "quick"
+    output_dir = ast.literal_eval(parameters["output_dir"]["default"])
+    assert output_dir == f"build/quick/{path.stem}"
+
+
+@pytest.mark.parametrize("path", PRESET_PATHS, ids=lambda path: path.stem)
+def test_preset_names_existing_notebooks_and_parameters(path):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#"), f"{path.name} must open with a comment on the preset"
+    entries = reproduce.load_preset(path.stem, NOTEBOOKS_DIR)
+
+    notebooks = reproduce.find_notebooks(NOTEBOOKS_DIR)
+    for name, parameters in entries.items():
+        assert name in notebooks, f"{path.name} names a missing notebook {name!r}"
+        declared = papermill.inspect_notebook(str(notebooks[name]))
+        for parameter in parameters:
+            assert parameter in declared, (
+                f"{path.name}: {name} has no parameter {parameter!r}; "
+                f"it has {sorted(declared)}"
+            )
+            assert parameter not in reproduce.INJECTED_PARAMETERS
+
+
+def test_ci_runs_the_readme_test_command():
+    script = ROOT / ".ci" / "run"
+    text = script.read_text(encoding="utf-8")
+    assert os.access(script, os.X_OK), ".ci/run must be executable"
+    assert text.startswith("#!") and "bash" in text.splitlines()[0]
+    assert "set -euo pipefail" in text
+    assert re.search(r"^\s*make test\s*$", text, re.MULTILINE)
+    assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+@pytest.mark.parametrize(
+    "target", ["test", "figures", "quick", "lab", "lint", "format", "bench", "clean"]
+)
+def test_makefile_defines_target(target):
+    # A dry run parses the Makefile and resolves the target without running it.
+    process = subprocess.run(
+        ["make", "--dry-run", "--always-make", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert process.returncode == 0, process.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (ROOT / ".git").exists(),
+    reason="not a git checkout",
+)
+@pytest.mark.parametrize(
+    ("path", "ignored"),
+    [
+        (".venv/bin/python", True),
+        ("build/quick/01_x.ipynb", True),
+        ("build/cpu/summary.json", True),
+        ("data/cache/mnist.zip", True),
+        ("elbo_core/__pycache__/x.pyc", True),
+        ("figures/01_x/metrics.json", False),
+        ("figures/01_x/weighting.pdf", False),
+        ("notebooks/01_x.ipynb", False),
+        ("notebooks/presets/cpu.yaml", False),
+        ("data/README.md", False),
+    ],
+)
+def test_gitignore(path, ignored):
+    process = subprocess.run(
+        ["git", "check-ignore", "--quiet", "--no-index", path],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+    )
+    assert process.returncode in (0, 1), process.stderr
+    assert (process.returncode == 0) == ignored, (
+        f"{path} should {'' if ignored else 'not '}be ignored"
+    )
+
+
+def test_data_readme_exists():
+    assert (ROOT / "data" / "README.md").is_file()
