@@ -76,7 +76,7 @@ class GaussianMixture(eqx.Module):
     @classmethod
     def gaussian(cls, dim: int, std: float = 1.0, mean: float = 0.0):
         """One isotropic Gaussian `N(mean, std^2 I)` in `dim` dimensions."""
-        return cls(np.full((1, dim), mean), [std], [1.0])
+        return cls(np.full((1, dim), mean), np.array([std]), np.array([1.0]))
 
     @property
     def dim(self) -> int:

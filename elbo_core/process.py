@@ -63,7 +63,7 @@ def sample_q(
 
 def dlogsnr_dt(schedule: Schedule, t: ScalarLike) -> Scalar:
     """`dlogsnr/dt` of a schedule by forward-mode autodiff (negative)."""
-    t = jnp.asarray(t, dtype=jnp.result_type(float))
+    t = jnp.asarray(t, dtype=jnp.result_type(t, float))
     return jax.jvp(schedule.logsnr, (t,), (jnp.ones_like(t),))[1]
 
 

@@ -51,6 +51,20 @@ def _as_float(t: ScalarLike) -> Array:
     return jnp.asarray(t, dtype=jnp.result_type(t, float))
 
 
+def _clip(x: Array, lo: float, hi: float) -> Array:
+    """Clip to `[lo, hi]`, keeping the one-sided derivative at the bounds."""
+    # NOTE: `jnp.clip` halves the gradient at a bound, so `dlogsnr/dt` and
+    # `-dt/dlogsnr` by autodiff would be half the density at the end points.
+    return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
+def _round_into(x: Array, lo: float, hi: float) -> Array:
+    """Move rounding excursions outside `[lo, hi]` back in; gradient unchanged."""
+    # `x - stop_gradient(x)` is exactly zero and carries the derivative of `x`.
+    carrier = jnp.where(jnp.isfinite(x), x - jax.lax.stop_gradient(x), 0.0)
+    return jax.lax.stop_gradient(jnp.clip(x, lo, hi)) + carrier
+
+
 class Schedule(eqx.Module):
     """A strictly decreasing noise schedule truncated to `[logsnr_min, logsnr_max]`.
 
@@ -80,7 +94,7 @@ class Schedule(eqx.Module):
         """`log p(logsnr)`; `-inf` outside `[logsnr_min, logsnr_max]`."""
         logsnr = _as_float(logsnr)
         inside = (logsnr >= self.logsnr_min) & (logsnr <= self.logsnr_max)
-        safe = jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+        safe = _clip(logsnr, self.logsnr_min, self.logsnr_max)
         return jnp.where(inside, self._log_density(safe), -jnp.inf)
 
     def density(self, logsnr: ScalarLike) -> Scalar:
@@ -109,25 +123,25 @@ def _cosine_angles(logsnr_min: float, logsnr_max: float) -> tuple[float, float, 
 
 def _cosine_logsnr(t, logsnr_min, logsnr_max):
     a, b, width = _cosine_angles(logsnr_min, logsnr_max)
-    t = _as_float(t)
+    t = _clip(_as_float(t), 0.0, 1.0)
     u = a + t * width  # angle from 0, accurate when small
     v = b + (1 - t) * width  # angle from pi/2, accurate when small
     quarter = math.pi / 4
-    from_u = -2 * jnp.log(jnp.tan(jnp.minimum(u, quarter)))
-    from_v = 2 * jnp.log(jnp.tan(jnp.minimum(v, quarter)))
+    from_u = -2 * jnp.log(jnp.tan(jnp.where(u <= quarter, u, quarter)))
+    from_v = 2 * jnp.log(jnp.tan(jnp.where(v <= quarter, v, quarter)))
     logsnr = jnp.where(u <= v, from_u, from_v)
-    return jnp.clip(logsnr, logsnr_min, logsnr_max)
+    return _round_into(logsnr, logsnr_min, logsnr_max)
 
 
 def _cosine_t(logsnr, logsnr_min, logsnr_max):
     a, b, width = _cosine_angles(logsnr_min, logsnr_max)
-    logsnr = _as_float(logsnr)
+    logsnr = _as_float(logsnr)  # the caller clips it to the range
     positive = logsnr >= 0
     logsnr_pos = jnp.where(positive, logsnr, 0.0)
     logsnr_neg = jnp.where(positive, 0.0, logsnr)
     t_high = (jnp.arctan(jnp.exp(-logsnr_pos / 2)) - a) / width
     t_low = 1 - (jnp.arctan(jnp.exp(logsnr_neg / 2)) - b) / width
-    return jnp.clip(jnp.where(positive, t_high, t_low), 0.0, 1.0)
+    return _round_into(jnp.where(positive, t_high, t_low), 0.0, 1.0)
 
 
 def _log_sech(x):
@@ -155,6 +169,7 @@ class Cosine(Schedule):
         return _cosine_logsnr(t, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
         return _cosine_t(logsnr, self.logsnr_min, self.logsnr_max)
 
     def _log_density(self, logsnr):
@@ -188,11 +203,13 @@ class ShiftedCosine(Schedule):
 
     def logsnr(self, t: ScalarLike) -> Scalar:
         lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
-        return _cosine_logsnr(t, lo, hi) + self.shift
+        logsnr = _cosine_logsnr(t, lo, hi) + self.shift
+        return _round_into(logsnr, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
         lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
-        return _cosine_t(_as_float(logsnr) - self.shift, lo, hi)
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
+        return _cosine_t(logsnr - self.shift, lo, hi)
 
     def _log_density(self, logsnr):
         lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
@@ -239,21 +256,27 @@ class EDM(Schedule):
         )
 
     def logsnr(self, t: ScalarLike) -> Scalar:
-        t = _as_float(t)
+        t = _clip(_as_float(t), 0.0, 1.0)
         a, b = self._standard_ends()
         # NOTE: the lower tail mass `p` and the upper tail mass `q = 1 - p` are both
-        # formed from the tails themselves; ndtri is applied to the smaller one.
-        p = _phi(a) + (1 - t) * (_phi(b) - _phi(a))
+        # formed from the tails themselves; ndtri is applied to the smaller one. The
+        # barrier stops XLA from folding `Phi(a) + (1 - t)` into `(Phi(a) + 1) - t`
+        # when the mass rounds to one, which loses `Phi(a)` and makes `p(1) = 0`.
+        p = _phi(a) + jax.lax.optimization_barrier(1 - t) * (_phi(b) - _phi(a))
         q = _phi(-b) + t * (_phi(-a) - _phi(-b))
-        u = jnp.where(p <= 0.5, ndtri(jnp.minimum(p, 0.5)), -ndtri(jnp.minimum(q, 0.5)))
-        return jnp.clip(self.mean + self.std * u, self.logsnr_min, self.logsnr_max)
+        lower = p <= 0.5
+        u = jnp.where(
+            lower, ndtri(jnp.where(lower, p, 0.5)), -ndtri(jnp.where(lower, 0.5, q))
+        )
+        return _round_into(self.mean + self.std * u, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
         a, b = self._standard_ends()
-        u = (_as_float(logsnr) - self.mean) / self.std
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
+        u = (logsnr - self.mean) / self.std
         # t = (Phi(b) - Phi(u)) / (Phi(b) - Phi(a)), written with upper tails.
         t = (ndtr(-u) - _phi(-b)) / (_phi(-a) - _phi(-b))
-        return jnp.clip(t, 0.0, 1.0)
+        return _round_into(t, 0.0, 1.0)
 
     def _log_density(self, logsnr):
         a, b = self._standard_ends()
@@ -283,18 +306,19 @@ class FlowMatchingOT(Schedule):
 
     def logsnr(self, t: ScalarLike) -> Scalar:
         a, b, width = self._ends()
-        t = _as_float(t)
+        t = _clip(_as_float(t), 0.0, 1.0)
         path_sigma = a + t * width
-        path_alpha = b + (1 - t) * width
+        # NOTE: the barrier keeps XLA from folding `b + (1 - t)` into `(b + 1) - t`.
+        path_alpha = b + jax.lax.optimization_barrier(1 - t) * width
         logsnr = 2 * (jnp.log(path_alpha) - jnp.log(path_sigma))
-        return jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+        return _round_into(logsnr, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
         a, b, width = self._ends()
-        logsnr = _as_float(logsnr)
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
         t_high = (jax.nn.sigmoid(-logsnr / 2) - a) / width
         t_low = 1 - (jax.nn.sigmoid(logsnr / 2) - b) / width
-        return jnp.clip(jnp.where(logsnr >= 0, t_high, t_low), 0.0, 1.0)
+        return _round_into(jnp.where(logsnr >= 0, t_high, t_low), 0.0, 1.0)
 
     def _log_density(self, logsnr):
         _, _, width = self._ends()
@@ -316,8 +340,9 @@ class Linear(Schedule):
         return self.logsnr_max + t * (self.logsnr_min - self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
-        t = (self.logsnr_max - _as_float(logsnr)) / (self.logsnr_max - self.logsnr_min)
-        return jnp.clip(t, 0.0, 1.0)
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
+        t = (self.logsnr_max - logsnr) / (self.logsnr_max - self.logsnr_min)
+        return _round_into(t, 0.0, 1.0)
 
     def _log_density(self, logsnr):
         return jnp.full_like(logsnr, -math.log(self.logsnr_max - self.logsnr_min))
@@ -364,7 +389,7 @@ class PiecewiseConstant(Schedule):
     def bin_width(self) -> float:
         return (self.logsnr_max - self.logsnr_min) / self.num_bins
 
-    def bin_edges(self) -> Float[Array, " num_bins+1"]:
+    def bin_edges(self) -> Float[Array, " num_edges"]:
         """Edges of the bins, increasing in logsnr."""
         return jnp.linspace(self.logsnr_min, self.logsnr_max, self.num_bins + 1)
 
@@ -378,17 +403,17 @@ class PiecewiseConstant(Schedule):
         return jnp.cumsum(probs[::-1])[::-1] - probs
 
     def logsnr(self, t: ScalarLike) -> Scalar:
-        t = _as_float(t)
+        t = _clip(_as_float(t), 0.0, 1.0)
         probs = self.probabilities()
         above = self._mass_above()
         # Bin j holds t in [above_j, above_j + probs_j); `above` decreases in j.
         j = jnp.clip(jnp.sum(above > t), 0, self.num_bins - 1)
         upper = self.logsnr_min + (j + 1) * self.bin_width
         logsnr = upper - (t - above[j]) / probs[j] * self.bin_width
-        return jnp.clip(logsnr, self.logsnr_min, self.logsnr_max)
+        return _round_into(logsnr, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
-        logsnr = jnp.clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
+        logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
         j = jnp.floor((logsnr - self.logsnr_min) / self.bin_width).astype(int)
         j = jnp.clip(j, 0, self.num_bins - 1)
         upper = self.logsnr_min + (j + 1) * self.bin_width
@@ -396,7 +421,7 @@ class PiecewiseConstant(Schedule):
             self._mass_above()[j]
             + (upper - logsnr) / self.bin_width * (self.probabilities()[j])
         )
-        return jnp.clip(t, 0.0, 1.0)
+        return _round_into(t, 0.0, 1.0)
 
     def _log_density(self, logsnr):
         j = jnp.floor((logsnr - self.logsnr_min) / self.bin_width).astype(int)

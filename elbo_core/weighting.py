@@ -107,7 +107,7 @@ class Weighting(eqx.Module):
         return self.max_log_slope(logsnr_min, logsnr_max, num_points) <= tolerance
 
     def augmentation_density(
-        self, logsnr: ScalarLike, logsnr_min: float, logsnr_max: float
+        self, logsnr: ScalarLike, logsnr_min: ScalarLike, logsnr_max: ScalarLike
     ) -> Scalar:
         """`p_w(logsnr) = -(dw/dlogsnr) / w(logsnr_min)` on the range, else 0.
 
@@ -115,23 +115,33 @@ class Weighting(eqx.Module):
         decomposition; its negative parts are the ELBOs the objective pushes up.
         """
         logsnr = _as_float(logsnr)
+        logsnr_min = jnp.asarray(logsnr_min, logsnr.dtype)
+        logsnr_max = jnp.asarray(logsnr_max, logsnr.dtype)
         inside = (logsnr >= logsnr_min) & (logsnr <= logsnr_max)
         safe = jnp.clip(logsnr, logsnr_min, logsnr_max)
         relative = jnp.exp(self.log_weight(safe) - self.log_weight(logsnr_min))
         return jnp.where(inside, -self.dlog_weight(safe) * relative, 0.0)
 
-    def augmentation_point_mass(self, logsnr_min: float, logsnr_max: float) -> Scalar:
+    def augmentation_point_mass(
+        self, logsnr_min: ScalarLike, logsnr_max: ScalarLike
+    ) -> Scalar:
         """Mass `w(logsnr_max) / w(logsnr_min)` that `p_w` leaves at `logsnr_max`."""
         return jnp.exp(self.log_weight(logsnr_max) - self.log_weight(logsnr_min))
 
     def sample_augmentation(
-        self, logsnr_min: float, logsnr_max: float, *, key: PRNGKeyArray
+        self, logsnr_min: ScalarLike, logsnr_max: ScalarLike, *, key: PRNGKeyArray
     ) -> Scalar:
         """Draw a noise level from `p_w` and its point mass, by inverting the CDF.
 
         The CDF is `1 - w(logsnr) / w(logsnr_min)` below `logsnr_max`; it is inverted
-        by bisection on `log w`, so any monotonic weighting can be sampled.
+        by bisection on `log w`, so any monotonic weighting can be sampled. The end
+        points must be concrete (they are checked); the draw has their precision, so
+        float32 arrays give a float32 draw.
         """
+        # Work in the precision of the end points (float64 for Python floats when
+        # x64 is enabled, float32 for float32 arrays).
+        dtype = jnp.result_type(logsnr_min, logsnr_max, float)
+        logsnr_min, logsnr_max = float(logsnr_min), float(logsnr_max)
         check_logsnr_range(type(self).__name__, logsnr_min, logsnr_max)
         try:
             with jax.ensure_compile_time_eval():
@@ -144,8 +154,10 @@ class Weighting(eqx.Module):
                 f"{logsnr_max}], so its p_w has negative parts and cannot be sampled."
             )
 
+        logsnr_min = jnp.asarray(logsnr_min, dtype)
+        logsnr_max = jnp.asarray(logsnr_max, dtype)
         log_w_min = self.log_weight(logsnr_min)
-        u = jax.random.uniform(key, dtype=jnp.result_type(float))
+        u = jax.random.uniform(key, dtype=dtype)
         target = log_w_min + jnp.log1p(-u)
 
         def bisect(_, bounds):
@@ -155,10 +167,7 @@ class Weighting(eqx.Module):
             return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
         lo, hi = jax.lax.fori_loop(
-            0,
-            INVERSE_BISECTION_STEPS,
-            bisect,
-            (_as_float(logsnr_min), _as_float(logsnr_max)),
+            0, INVERSE_BISECTION_STEPS, bisect, (logsnr_min, logsnr_max)
         )
         in_point_mass = self.log_weight(logsnr_max) >= target
         return jnp.where(in_point_mass, logsnr_max, 0.5 * (lo + hi))
@@ -361,5 +370,6 @@ def normalized(
     weighting: Weighting, logsnr: Float[ArrayLike, " n"]
 ) -> Float[Array, " n"]:
     """`w / max w` over the given points, for plotting on one axis."""
-    log_w = jax.vmap(weighting.log_weight)(_as_float(logsnr))
+    logsnr = jnp.asarray(logsnr, dtype=jnp.result_type(logsnr, float))
+    log_w = jax.vmap(weighting.log_weight)(logsnr)
     return jnp.exp(log_w - jnp.max(log_w))
