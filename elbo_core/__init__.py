@@ -26,6 +26,26 @@ Notation (paper symbol -> code name), kept throughout the package:
 Shapes are per example; batching is the caller's `jax.vmap`.
 """
 
-from . import analytic, parameterization, process, schedules, weighting
+from . import (
+    analytic,
+    likelihood,
+    losses,
+    networks,
+    parameterization,
+    process,
+    sampling,
+    schedules,
+    weighting,
+)
 
-__all__ = ["analytic", "parameterization", "process", "schedules", "weighting"]
+__all__ = [
+    "analytic",
+    "likelihood",
+    "losses",
+    "networks",
+    "parameterization",
+    "process",
+    "sampling",
+    "schedules",
+    "weighting",
+]
