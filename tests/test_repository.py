@@ -194,6 +194,70 @@ def test_gitignore(path, ignored):
     )
 
 
+def _dry_run(target: str) -> str:
+    """What `make` would run for `target` on a fresh checkout (nothing is run)."""
+    process = subprocess.run(
+        ["make", "--dry-run", "--always-make", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert process.returncode == 0, process.stderr
+    return process.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("test", "-m pytest tests/"),
+        ("figures", "-m elbo_core.reproduce --preset cpu"),
+    ],
+)
+def test_readme_commands_install_then_run(target, command):
+    # Each of the README's two commands builds .venv and installs the package with
+    # its dev extra before it runs, so that it works on a fresh clone.
+    lines = _dry_run(target).splitlines()
+    install = [i for i, line in enumerate(lines) if "pip install -e '.[dev]'" in line]
+    run = [i for i, line in enumerate(lines) if command in line]
+    assert install and run, lines
+    assert install[0] < run[0], "the package must be installed before it runs"
+    assert any("-m venv .venv" in line for line in lines[: install[0]])
+
+
+def _committed_figures() -> set[str]:
+    return {
+        str(path.relative_to(ROOT / "figures").with_suffix(""))
+        for path in (ROOT / "figures").glob("*/*.png")
+    }
+
+
+def test_every_committed_figure_has_a_pdf_and_a_place_in_the_gallery():
+    figures = _committed_figures()
+    assert figures, "figures/ holds the committed cpu-preset figures"
+    gallery = (ROOT / "figures" / "README.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"\]\(([0-9]{2}_\w+/\w+)\.png\)", gallery))
+    assert shown == figures, (
+        f"missing from figures/README.md: {sorted(figures - shown)}; "
+        f"shown there but not committed: {sorted(shown - figures)}"
+    )
+    for figure in figures:
+        assert (ROOT / "figures" / f"{figure}.pdf").is_file(), figure
+    for folder in {figure.split("/")[0] for figure in figures}:
+        assert (ROOT / "figures" / folder / "metrics.json").is_file(), folder
+
+
+def test_readme_names_every_notebook_and_its_figures():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in NOTEBOOK_PATHS:
+        assert f"`{path.stem}`" in readme, f"README.md does not name {path.stem}"
+    for figure in _committed_figures():
+        folder, name = figure.split("/")
+        row = next(line for line in readme.splitlines() if f"`{folder}`" in line)
+        assert f"`{name}`" in row, f"README's row of {folder} does not list {name}"
+
+
 def test_data_readme_exists():
     assert (ROOT / "data" / "README.md").is_file()
 
