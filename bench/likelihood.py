@@ -1,9 +1,10 @@
 """Benchmark of the probability-flow ODE log-likelihood (`elbo_core.likelihood`).
 
-For a 2-D MLP (trained for a few seconds on a Gaussian mixture) and an MNIST-sized
-784-D MLP (random initialisation: the cost of a solve depends on the network's size
-and on how stiff its flow is, not on what it has learnt; a trained network usually
-needs fewer steps), this measures
+For a 2-D MLP (trained for a few seconds on a Gaussian mixture) and two MNIST-sized
+784-D networks, an MLP and the channels-last convolutional denoiser of
+`elbo_core.networks` (random initialisation: the cost of a solve depends on the
+network's size and on how stiff its flow is, not on what it has learnt; a trained
+network usually needs fewer steps), this measures
 
 - function evaluations (NFE) per example, mean and maximum over a batch;
 - wall time per example when a batch is solved at once (`vmap`, adaptive steps per
@@ -23,7 +24,8 @@ needs fewer steps), this measures
 
 Prints a table and writes `bench/results/likelihood.json` (atomically). Run with
 `make bench` or `python bench/likelihood.py`; a few minutes on two CPU cores.
-`--quick` runs a small version of every measurement (for checking the script).
+`--quick` runs a small version of every measurement (for checking the script;
+`tests/test_bench.py` runs it).
 """
 
 import argparse
@@ -564,6 +566,29 @@ def compare_with_reference(name, model, x, rows, *, num_examples) -> dict:
 # --- report ---------------------------------------------------------------------------
 
 
+def _targets_report(targets) -> str:
+    """One line per measured ratio that misses its target; a summary line first."""
+    overheads = targets["overhead_ratios"]
+    speedups = targets["speedups"]
+    missed = [
+        f"  overhead {key}: {value:.2f} > {TARGET_OVERHEAD}"
+        for key, value in overheads.items()
+        if value > TARGET_OVERHEAD
+    ] + [
+        f"  speed-up {key}: {value:.1f}x < {TARGET_SPEEDUP:g}x"
+        for key, value in speedups.items()
+        if value < TARGET_SPEEDUP
+    ]
+    num_overheads_met = sum(value <= TARGET_OVERHEAD for value in overheads.values())
+    num_speedups_met = sum(value >= TARGET_SPEEDUP for value in speedups.values())
+    summary = (
+        f"targets: overhead <= {TARGET_OVERHEAD} in {num_overheads_met} of "
+        f"{len(overheads)} rows; speed-up >= {TARGET_SPEEDUP:g}x in "
+        f"{num_speedups_met} of {len(speedups)} comparisons"
+    )
+    return "\n".join([summary, *(["missed:", *missed] if missed else [])])
+
+
 def _table(rows, references) -> str:
     lines = [
         f"{'model':<8} {'D':>4} {'divergence':<10} {'dtype':<7} {'norm':<5} "
@@ -616,8 +641,12 @@ def _table(rows, references) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, no JSON")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes; no JSON unless --output"
+    )
+    parser.add_argument(
+        "--output", type=Path, help=f"where the JSON goes (default {RESULTS_PATH})"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     started = time.perf_counter()
@@ -627,6 +656,7 @@ def main(argv=None) -> dict:
     batch_2d = 64 if quick else 512
     batch_784 = 4 if quick else 128
     batch_784_exact = 1 if quick else 2
+    batch_conv = 2 if quick else 32
 
     mixture = _mixture()
     model_2d = train_2d_mlp(mixture, 200 if quick else 3000, key=jax.random.key(0))
@@ -637,6 +667,10 @@ def main(argv=None) -> dict:
         (28, 28, 1), width_size=256, depth=2, key=jax.random.key(2)
     )
     x_784 = _images(batch_784, key=jax.random.key(3))
+    model_conv = networks.ConvDenoiser(
+        (28, 28, 1), channels=32, depth=2, key=jax.random.key(4)
+    )
+    x_conv = x_784[:batch_conv]
 
     f32, f64 = jnp.float32, jnp.float64
     # (key, model name, model, data, divergence, probes, dtype, error norm)
@@ -668,10 +702,20 @@ def main(argv=None) -> dict:
             f32,
             "split",
         ),
+        (
+            "conv_hutch1_f32",
+            "conv-784",
+            model_conv,
+            x_conv,
+            "hutchinson",
+            1,
+            f32,
+            "split",
+        ),
     ]
     rows = {}
     for key, name, model, x, divergence, num_probes, dtype, norm in plan:
-        expensive = divergence == "exact" and name == "mlp-784"
+        expensive = name == "conv-784" or (divergence == "exact" and name == "mlp-784")
         row = measure(
             name,
             model,
@@ -703,6 +747,13 @@ def main(argv=None) -> dict:
             model_784,
             x_784,
             [rows["784_hutch1_f64"], rows["784_hutch1_f64_rms"]],
+            num_examples=1 if quick else 4,
+        ),
+        compare_with_reference(
+            "conv-784",
+            model_conv,
+            x_conv,
+            [rows["conv_hutch1_f32"]],
             num_examples=1 if quick else 4,
         ),
     ]
@@ -773,6 +824,8 @@ def main(argv=None) -> dict:
                 "ELBO loss on a 3-component Gaussian mixture",
                 "mlp-784": "MLPDenoiser((28, 28, 1), width 256, depth 2), random "
                 "initialisation; data: random 8-bit images, dequantised",
+                "conv-784": "ConvDenoiser((28, 28, 1), 32 channels, 2 residual "
+                "blocks, channels-last), random initialisation; same data",
             },
         },
         "rows": rows,
@@ -793,10 +846,12 @@ def main(argv=None) -> dict:
         },
     }
     print(_table(list(rows.values()), references))
+    print(_targets_report(results["targets"]))
     print(f"total {results['total_wall_s']:.0f} s; load average {load_before}")
-    if not quick:
-        _io.write_json(args.output, results)
-        print(f"wrote {args.output}")
+    output = RESULTS_PATH if args.output is None and not quick else args.output
+    if output is not None:
+        _io.write_json(output, results)
+        print(f"wrote {output}")
     return results
 
 
