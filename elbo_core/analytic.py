@@ -17,7 +17,10 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Scalar, Scalar
 
 from .process import log_alpha2, log_sigma2
 
-# Tolerance on `sum(weights) == 1` for weights given in float32.
+# Tolerance on `sum(weights) == 1`: weights normalised in float32 sum to one only
+# within a few float32 ulps (2^-23 ~ 1.2e-7) per component; 1e-6 allows ~8 of them.
+# Accepted weights are then divided by their sum, so the mixture is normalised in
+# the working precision whatever precision they were given in.
 WEIGHT_SUM_TOLERANCE = 1e-6
 
 
@@ -59,15 +62,23 @@ class GaussianMixture(eqx.Module):
             )
         if not np.all(np.isfinite(means_np)):
             raise ValueError(f"GaussianMixture: means must be finite; got {means_np}.")
-        if not np.all(stds_np > 0):
+        if not np.all((stds_np > 0) & np.isfinite(stds_np)):
             raise ValueError(
-                f"GaussianMixture: every std must be positive; got stds={stds_np}."
+                "GaussianMixture: every std must be positive and finite; got "
+                f"stds={stds_np}."
             )
-        if np.any(weights_np < 0) or abs(weights_np.sum() - 1) > WEIGHT_SUM_TOLERANCE:
+        if not np.all(np.isfinite(weights_np)) or np.any(weights_np < 0):
             raise ValueError(
-                f"GaussianMixture: weights must be non-negative and sum to one; got "
+                "GaussianMixture: weights must be non-negative and finite; got "
+                f"weights={weights_np}."
+            )
+        if abs(weights_np.sum() - 1) > WEIGHT_SUM_TOLERANCE:
+            raise ValueError(
+                f"GaussianMixture: weights must sum to one (within "
+                f"WEIGHT_SUM_TOLERANCE={WEIGHT_SUM_TOLERANCE}); got "
                 f"weights={weights_np} (sum {weights_np.sum()})."
             )
+        weights_np = weights_np / weights_np.sum()
         dtype = jnp.result_type(float)
         self.means = jnp.asarray(means_np, dtype)
         self.stds = jnp.asarray(stds_np, dtype)
@@ -75,30 +86,54 @@ class GaussianMixture(eqx.Module):
 
     @classmethod
     def gaussian(cls, dim: int, std: float = 1.0, mean: float = 0.0):
-        """One isotropic Gaussian `N(mean, std^2 I)` in `dim` dimensions."""
+        """One isotropic Gaussian `N(mean, std^2 I)` in `dim` dimensions.
+
+        **Arguments:**
+
+        - `dim`: the dimension `D`.
+        - `std`: the standard deviation, positive.
+        - `mean`: every coordinate of the mean.
+
+        **Returns:** a one-component `GaussianMixture`.
+        """
         return cls(np.full((1, dim), mean), np.array([std]), np.array([1.0]))
 
     @property
     def dim(self) -> int:
+        """The data dimension `D`."""
         return self.means.shape[1]
 
     @property
     def num_components(self) -> int:
+        """The number of components `K`."""
         return self.means.shape[0]
 
     def mean(self) -> Float[Array, " D"]:
-        """The mixture mean `sum_k pi_k mu_k`."""
+        """The mixture mean `sum_k pi_k mu_k`.
+
+        **Returns:** a vector of shape `(D,)`.
+        """
         return self.weights @ self.means
 
     def covariance(self) -> Float[Array, "D D"]:
-        """The mixture covariance."""
+        """The mixture covariance `sum_k pi_k (s_k^2 I + (mu_k - m)(mu_k - m)^T)`.
+
+        With `m` the mixture mean. **Returns:** a matrix of shape `(D, D)`.
+        """
         centred = self.means - self.mean()
         between = (self.weights[:, None] * centred).T @ centred
         within = jnp.sum(self.weights * self.stds**2) * jnp.eye(self.dim)
         return between + within
 
     def sample(self, *, key: PRNGKeyArray) -> Float[Array, " D"]:
-        """Draw one example."""
+        """Draw one example `x ~ sum_k pi_k N(mu_k, s_k^2 I)`.
+
+        **Arguments:**
+
+        - `key`: a PRNG key.
+
+        **Returns:** a vector of shape `(D,)`.
+        """
         component_key, noise_key = jax.random.split(key)
         k = jax.random.choice(component_key, self.num_components, p=self.weights)
         noise = jax.random.normal(noise_key, (self.dim,), self.means.dtype)
@@ -107,7 +142,14 @@ class GaussianMixture(eqx.Module):
     def sample_with_component(
         self, *, key: PRNGKeyArray
     ) -> tuple[Float[Array, " D"], Int[Array, ""]]:
-        """Draw one example and the index of the component it came from."""
+        """Draw one example and the index of the component it came from.
+
+        **Arguments:**
+
+        - `key`: a PRNG key.
+
+        **Returns:** `(x, k)`: `x` of shape `(D,)` drawn from component `k`.
+        """
         component_key, noise_key = jax.random.split(key)
         k = jax.random.choice(component_key, self.num_components, p=self.weights)
         noise = jax.random.normal(noise_key, (self.dim,), self.means.dtype)
@@ -131,28 +173,63 @@ class GaussianMixture(eqx.Module):
         return log_scale, log_var
 
     def log_prob(self, x: Float[ArrayLike, " D"]) -> Scalar:
-        """Exact `log p(x)`."""
+        """Exact `log p(x) = log sum_k pi_k N(x; mu_k, s_k^2 I)`.
+
+        **Arguments:**
+
+        - `x`: a point of shape `(D,)`.
+
+        **Returns:** a scalar.
+        """
         log_var = 2 * jnp.log(self.stds)
         return jax.nn.logsumexp(self._component_log_probs(x, 0.0, log_var))
 
     def marginal_log_prob(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Scalar:
-        """Exact `log q(z)` of the noisy latent at `logsnr`."""
+        """Exact `log q(z)` of the noisy latent at `logsnr` (module docstring).
+
+        `q(z) = sum_k pi_k N(z; alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)`.
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a scalar.
+        """
         log_scale, log_var = self._marginal_terms(logsnr)
         return jax.nn.logsumexp(self._component_log_probs(z, log_scale, log_var))
 
     def posterior_weights(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " K"]:
-        """Component responsibilities `q(k | z)` at `logsnr`."""
+        """Component responsibilities `q(k | z)` at `logsnr`.
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a vector of shape `(K,)` summing to one.
+        """
         log_scale, log_var = self._marginal_terms(logsnr)
         return jax.nn.softmax(self._component_log_probs(z, log_scale, log_var))
 
     def score(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " D"]:
-        """Exact `grad_z log q(z)` at `logsnr`, in closed form."""
+        """Exact score `grad_z log q(z)` at `logsnr`, in closed form.
+
+        `sum_k q(k | z) (alpha mu_k - z) / (alpha^2 s_k^2 + sigma^2)`.
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a vector of shape `(D,)`.
+        """
         log_scale, log_var = self._marginal_terms(logsnr)
         z = jnp.asarray(z, self.means.dtype)
         responsibility = jax.nn.softmax(
@@ -164,7 +241,15 @@ class GaussianMixture(eqx.Module):
     def eps_optimal(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " D"]:
-        """The optimal noise prediction `E[eps | z] = -sigma grad log q(z)`."""
+        """The optimal noise prediction `E[eps | z] = -sigma grad log q(z)` (Tweedie).
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a vector of shape `(D,)`.
+        """
         log_scale, log_var = self._marginal_terms(logsnr)
         z = jnp.asarray(z, self.means.dtype)
         responsibility = jax.nn.softmax(
@@ -178,7 +263,18 @@ class GaussianMixture(eqx.Module):
     def x_optimal(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " D"]:
-        """The optimal data prediction `E[x | z]`."""
+        """The optimal data prediction `E[x | z] = (z - sigma E[eps | z]) / alpha`.
+
+        Formed per component, `mu_k + alpha s_k^2 (z - alpha mu_k) / var_k`, so it
+        stays accurate where `alpha` is tiny.
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a vector of shape `(D,)`.
+        """
         log_scale, log_var = self._marginal_terms(logsnr)
         z = jnp.asarray(z, self.means.dtype)
         responsibility = jax.nn.softmax(
@@ -194,8 +290,33 @@ class GaussianMixture(eqx.Module):
     def __call__(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " D"]:
-        """Act as a denoiser: `eps_optimal(z, logsnr)`."""
+        """Act as a denoiser: `eps_optimal(z, logsnr)`.
+
+        **Arguments:**
+
+        - `z`: a latent of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** `eps_hat` of shape `(D,)`.
+        """
         return self.eps_optimal(z, logsnr)
+
+
+def _checked_std(owner: str, std: ScalarLike) -> Array:
+    """`std` as an array: `ValueError` unless positive and finite when concrete, a
+    run-time error (`eqx.error_if`) when traced."""
+    if not isinstance(std, jax.core.Tracer):
+        value = float(std)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(
+                f"{owner}: std={value} must be a positive finite standard deviation."
+            )
+        return jnp.asarray(std)
+    std = jnp.asarray(std)
+    bad = ~((std > 0) & jnp.isfinite(std))
+    return eqx.error_if(
+        std, bad, f"{owner}: std must be a positive finite standard deviation."
+    )
 
 
 def gaussian_eps_mse(std: ScalarLike, logsnr: ScalarLike) -> Scalar:
@@ -203,10 +324,34 @@ def gaussian_eps_mse(std: ScalarLike, logsnr: ScalarLike) -> Scalar:
 
     It is the posterior variance of `eps` given `z`, `alpha^2 s^2 / (alpha^2 s^2 +
     sigma^2)` (PAPER.md section 4).
+
+    **Arguments:**
+
+    - `std`: the data's standard deviation `s`, a positive scalar.
+    - `logsnr`: the noise level, a scalar.
+
+    **Returns:** a scalar in (0, 1).
+
+    **Raises:** `ValueError` naming `std` when it is concrete and not positive and
+    finite; a run-time error (`eqx.error_if`) when it is traced.
     """
-    return jax.nn.sigmoid(jnp.asarray(logsnr) + 2 * jnp.log(jnp.asarray(std)))
+    std = _checked_std("gaussian_eps_mse", std)
+    return jax.nn.sigmoid(jnp.asarray(logsnr) + 2 * jnp.log(std))
 
 
 def gaussian_nll(std: ScalarLike) -> Scalar:
-    """Expected negative log-likelihood per dimension of `N(0, std^2)`, in nats."""
-    return 0.5 * jnp.log(2 * math.pi * jnp.asarray(std) ** 2) + 0.5
+    """Expected negative log-likelihood per dimension of `N(0, std^2)`, in nats.
+
+    `1/2 log(2 pi std^2) + 1/2` (PAPER.md section 4), the entropy of the data.
+
+    **Arguments:**
+
+    - `std`: the data's standard deviation, a positive scalar.
+
+    **Returns:** a scalar.
+
+    **Raises:** `ValueError` naming `std` when it is concrete and not positive and
+    finite; a run-time error (`eqx.error_if`) when it is traced.
+    """
+    std = _checked_std("gaussian_nll", std)
+    return 0.5 * jnp.log(2 * math.pi * std**2) + 0.5

@@ -36,7 +36,7 @@ from jaxtyping import Array, ArrayLike, Float, Scalar, ScalarLike
 from . import schedules as schedules_lib
 from . import weighting as weighting_lib
 from .process import log_alpha2, log_sigma2
-from .schedules import Schedule
+from .schedules import Schedule, check_finite, check_positive
 from .weighting import Weighting
 
 
@@ -45,7 +45,11 @@ def _as_float(x: ScalarLike) -> Array:
 
 
 class Parameterization(eqx.Module):
-    """What the network outputs, as an affine function of `eps_hat` given `z`."""
+    """What the network outputs, as an affine function of `eps_hat` given `z`.
+
+    Subclasses implement `to_eps`, `from_eps` (its inverse) and `log_mse_factor`,
+    per example; batch with `jax.vmap`.
+    """
 
     @abc.abstractmethod
     def to_eps(
@@ -54,7 +58,18 @@ class Parameterization(eqx.Module):
         z: Float[ArrayLike, "*shape"],
         logsnr: ScalarLike,
     ) -> Float[Array, "*shape"]:
-        """Convert a network output to the noise prediction `eps_hat`."""
+        """Convert a network output to the noise prediction `eps_hat`.
+
+        The inverse of `from_eps` at fixed `z` (the module docstring's table).
+
+        **Arguments:**
+
+        - `output`: the network output for one example.
+        - `z`: the latent it was computed from, the same shape.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** `eps_hat`, the shape of `z`.
+        """
 
     @abc.abstractmethod
     def from_eps(
@@ -63,14 +78,39 @@ class Parameterization(eqx.Module):
         z: Float[ArrayLike, "*shape"],
         logsnr: ScalarLike,
     ) -> Float[Array, "*shape"]:
-        """The output that corresponds to noise `eps` at `z`: the regression target."""
+        """The output that corresponds to noise `eps` at `z`: the regression target.
+
+        **Arguments:**
+
+        - `eps`: a noise (or noise prediction) for one example.
+        - `z`: the latent, the same shape.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** the output, the shape of `z`.
+        """
 
     @abc.abstractmethod
     def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
-        """`log c(logsnr)`: `||output - target||^2 = c ||eps_hat - eps||^2`."""
+        """`log c(logsnr)` with `||output - target||^2 = c ||eps_hat - eps||^2`.
+
+        PAPER.md section 2, the table of factors.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a scalar.
+        """
 
     def mse_factor(self, logsnr: ScalarLike) -> Scalar:
-        """`c(logsnr)` relating this output's squared error to the eps one."""
+        """`c(logsnr)` relating this output's squared error to the eps one.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** `exp(log_mse_factor(logsnr))`, a positive scalar.
+        """
         return jnp.exp(self.log_mse_factor(logsnr))
 
     def target(
@@ -79,7 +119,18 @@ class Parameterization(eqx.Module):
         eps: Float[ArrayLike, "*shape"],
         logsnr: ScalarLike,
     ) -> Float[Array, "*shape"]:
-        """The regression target for data `x` noised with `eps` at `logsnr`."""
+        """The regression target for data `x` noised with `eps` at `logsnr`.
+
+        `from_eps(eps, z, logsnr)` at `z = alpha x + sigma eps` (PAPER.md section 1).
+
+        **Arguments:**
+
+        - `x`: one example.
+        - `eps`: its noise, the same shape.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** the target, the shape of `x`.
+        """
         z = jnp.exp(0.5 * log_alpha2(logsnr)) * jnp.asarray(x)
         z = z + jnp.exp(0.5 * log_sigma2(logsnr)) * jnp.asarray(eps)
         return self.from_eps(eps, z, logsnr)
@@ -87,7 +138,19 @@ class Parameterization(eqx.Module):
     def implied_weighting(
         self, schedule: Schedule, explicit_weight: Weighting | None = None
     ) -> "ImpliedWeighting":
-        """`w = p a c`: the weighting of MSE on this output under `schedule`."""
+        """`w = p a c`: the weighting of MSE on this output under `schedule`.
+
+        PAPER.md section 2: MSE on this output, times `explicit_weight` `a`, with
+        noise levels drawn from `schedule`'s density `p`.
+
+        **Arguments:**
+
+        - `schedule`: the training noise schedule.
+        - `explicit_weight`: a loss weight `a(logsnr)` on this output's MSE, or
+          `None` for `a = 1`.
+
+        **Returns:** an `ImpliedWeighting`.
+        """
         return ImpliedWeighting(self, schedule, explicit_weight)
 
 
@@ -113,30 +176,50 @@ class ImpliedWeighting(Weighting):
 class Eps(Parameterization):
     """The network predicts the noise, `eps_hat`."""
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         return jnp.asarray(output)
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         return jnp.asarray(eps)
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         return jnp.zeros_like(_as_float(logsnr))
 
 
 class X(Parameterization):
     """The network predicts the data, `x_hat = (z - sigma eps_hat) / alpha`."""
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         alpha = jnp.exp(0.5 * log_alpha2(logsnr))
         sigma = jnp.exp(0.5 * log_sigma2(logsnr))
         return (jnp.asarray(z) - alpha * jnp.asarray(output)) / sigma
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         alpha = jnp.exp(0.5 * log_alpha2(logsnr))
         sigma = jnp.exp(0.5 * log_sigma2(logsnr))
         return (jnp.asarray(z) - sigma * jnp.asarray(eps)) / alpha
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         return -_as_float(logsnr)
 
 
@@ -146,17 +229,27 @@ class V(Parameterization):
     (VP only: `alpha^2 + sigma^2 = 1`.)
     """
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         alpha = jnp.exp(0.5 * log_alpha2(logsnr))
         sigma = jnp.exp(0.5 * log_sigma2(logsnr))
         return sigma * jnp.asarray(z) + alpha * jnp.asarray(output)
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         alpha = jnp.exp(0.5 * log_alpha2(logsnr))
         sigma = jnp.exp(0.5 * log_sigma2(logsnr))
         return (jnp.asarray(eps) - sigma * jnp.asarray(z)) / alpha
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         # 1 / alpha^2 = 1 + exp(-logsnr)
         return -log_alpha2(logsnr)
 
@@ -164,13 +257,23 @@ class V(Parameterization):
 class Score(Parameterization):
     """The network predicts the score of `q(z)`, `s = -eps_hat / sigma`."""
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         return -jnp.exp(0.5 * log_sigma2(logsnr)) * jnp.asarray(output)
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         return -jnp.asarray(eps) / jnp.exp(0.5 * log_sigma2(logsnr))
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         return -log_sigma2(logsnr)
 
 
@@ -187,25 +290,42 @@ class EDMF(Parameterization):
     sigma_data: float = eqx.field(default=0.5, converter=float)
 
     def __check_init__(self):
-        if not self.sigma_data > 0:
-            raise ValueError(f"EDMF: sigma_data={self.sigma_data} must be positive.")
+        check_positive("EDMF", sigma_data=self.sigma_data)
 
     def _log_total(self, logsnr):
         # log(sigma_ve^2 + sigma_data^2)
         return jnp.logaddexp(-_as_float(logsnr), 2 * math.log(self.sigma_data))
 
     def c_skip(self, logsnr: ScalarLike) -> Scalar:
+        """Skip scaling of EDM's preconditioning (Karras et al. 2022, Table 1).
+
+        `c_skip = sigma_data^2 / (sigma_ve^2 + sigma_data^2)` with
+        `sigma_ve^2 = exp(-logsnr)`. **Returns:** a scalar in (0, 1).
+        """
         return jnp.exp(2 * math.log(self.sigma_data) - self._log_total(logsnr))
 
     def c_out(self, logsnr: ScalarLike) -> Scalar:
+        """Output scaling of EDM's preconditioning (Karras et al. 2022, Table 1).
+
+        `c_out = sigma_ve sigma_data / sqrt(sigma_ve^2 + sigma_data^2)` with
+        `sigma_ve^2 = exp(-logsnr)`. **Returns:** a positive scalar.
+        """
         log_c = -_as_float(logsnr) / 2 + math.log(self.sigma_data)
         return jnp.exp(log_c - 0.5 * self._log_total(logsnr))
 
     def c_in(self, logsnr: ScalarLike) -> Scalar:
+        """Input scaling of EDM's preconditioning (Karras et al. 2022, Table 1).
+
+        `c_in = 1 / sqrt(sigma_ve^2 + sigma_data^2)` with `sigma_ve^2 =
+        exp(-logsnr)`, applied to `x_ve = z / alpha`. **Returns:** a positive scalar.
+        """
         return jnp.exp(-0.5 * self._log_total(logsnr))
 
     def c_noise(self, logsnr: ScalarLike) -> Scalar:
-        """`ln(sigma_ve) / 4 = -logsnr / 8`."""
+        """Noise conditioning of EDM's preconditioning (Karras et al. 2022, Table 1).
+
+        `c_noise = ln(sigma_ve) / 4 = -logsnr / 8`. **Returns:** a scalar.
+        """
         return -_as_float(logsnr) / 8
 
     def _coefficients(self, logsnr):
@@ -216,15 +336,25 @@ class EDMF(Parameterization):
         f_coef = self.sigma_data * jnp.exp(-0.5 * log_total)
         return z_coef, f_coef
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         z_coef, f_coef = self._coefficients(logsnr)
         return z_coef * jnp.asarray(z) - f_coef * jnp.asarray(output)
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         z_coef, f_coef = self._coefficients(logsnr)
         return (z_coef * jnp.asarray(z) - jnp.asarray(eps)) / f_coef
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         return self._log_total(logsnr) - 2 * math.log(self.sigma_data)
 
 
@@ -267,15 +397,25 @@ class Velocity(Parameterization):
         eps_coef = 0.5 * jnp.exp(self._log_path_sigma(logsnr))
         return slope, z_coef, eps_coef
 
-    def to_eps(self, output, z, logsnr):
+    def to_eps(
+        self,
+        output: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         slope, z_coef, eps_coef = self._coefficients(logsnr)
         return (z_coef * jnp.asarray(z) - jnp.asarray(output) / slope) / eps_coef
 
-    def from_eps(self, eps, z, logsnr):
+    def from_eps(
+        self,
+        eps: Float[ArrayLike, "*shape"],
+        z: Float[ArrayLike, "*shape"],
+        logsnr: ScalarLike,
+    ) -> Float[Array, "*shape"]:
         slope, z_coef, eps_coef = self._coefficients(logsnr)
         return slope * (z_coef * jnp.asarray(z) - eps_coef * jnp.asarray(eps))
 
-    def log_mse_factor(self, logsnr):
+    def log_mse_factor(self, logsnr: ScalarLike) -> Scalar:
         logsnr = _as_float(logsnr)
         log_slope2 = -2 * self.schedule.log_density(logsnr)
         return 2 * self._log_path_sigma(logsnr) - 2 * math.log(2) + log_slope2
@@ -292,7 +432,17 @@ PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
 
 
 def get_parameterization(name: str, **kwargs) -> Parameterization:
-    """Build `PARAMETERIZATIONS[name](**kwargs)`, naming the valid names on error."""
+    """Build `PARAMETERIZATIONS[name](**kwargs)`, naming the valid names on error.
+
+    **Arguments:**
+
+    - `name`: a key of `PARAMETERIZATIONS`, e.g. `"v"`.
+    - `**kwargs`: the parameterisation's fields, e.g. `schedule` for `"velocity"`.
+
+    **Returns:** the parameterisation.
+
+    **Raises:** `ValueError` for an unknown name, listing the valid ones.
+    """
     if name not in PARAMETERIZATIONS:
         raise ValueError(
             f"Unknown parameterization {name!r}; valid names are "
@@ -310,7 +460,11 @@ class P2LossWeight(Weighting):
     gamma: float = eqx.field(default=1.0, converter=float)
     k: float = eqx.field(default=1.0, converter=float)
 
-    def log_weight(self, logsnr):
+    def __check_init__(self):
+        check_finite("P2LossWeight", gamma=self.gamma)
+        check_positive("P2LossWeight", k=self.k)
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
         return -self.gamma * jnp.logaddexp(math.log(self.k), _as_float(logsnr))
 
 
@@ -319,7 +473,10 @@ class MinSNRLossWeight(Weighting):
 
     gamma: float = eqx.field(default=5.0, converter=float)
 
-    def log_weight(self, logsnr):
+    def __check_init__(self):
+        check_positive("MinSNRLossWeight", gamma=self.gamma)
+
+    def log_weight(self, logsnr: ScalarLike) -> Scalar:
         return jnp.minimum(0.0, math.log(self.gamma) - _as_float(logsnr))
 
 
@@ -340,14 +497,27 @@ class Table1Row(eqx.Module):
     paper_monotonic: bool
 
     def implied(self) -> ImpliedWeighting:
-        """The weighting computed from the recipe."""
+        """The weighting computed from the recipe, `w = p a c` (PAPER.md section 2).
+
+        **Returns:** `parameterization.implied_weighting(schedule, explicit_weight)`.
+        """
         return self.parameterization.implied_weighting(
             self.schedule, self.explicit_weight
         )
 
 
 def table_1(logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> list[Table1Row]:
-    """The rows of Table 1 with schedules truncated to `[logsnr_min, logsnr_max]`."""
+    """The rows of Table 1 with schedules truncated to `[logsnr_min, logsnr_max]`.
+
+    PAPER.md section 3: each row's training recipe beside the closed form of its
+    implied weighting and the paper's monotonicity claim.
+
+    **Arguments:**
+
+    - `logsnr_min`, `logsnr_max`: the range every schedule is truncated to.
+
+    **Returns:** the eight `Table1Row`s, in the paper's order.
+    """
     bounds = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     cosine = schedules_lib.Cosine(**bounds)
     fm_ot = schedules_lib.FlowMatchingOT(**bounds)

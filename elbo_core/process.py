@@ -29,32 +29,66 @@ from .schedules import Schedule
 
 
 def log_alpha2(logsnr: ScalarLike) -> Scalar:
-    """`log(alpha^2) = log sigmoid(logsnr)`."""
+    """Log signal variance, `log(alpha^2) = log sigmoid(logsnr)` (PAPER.md section 1).
+
+    **Arguments:**
+
+    - `logsnr`: a scalar.
+
+    **Returns:** a non-positive scalar, accurate for any finite `logsnr`.
+    """
     return jax.nn.log_sigmoid(jnp.asarray(logsnr))
 
 
 def log_sigma2(logsnr: ScalarLike) -> Scalar:
-    """`log(sigma^2) = log sigmoid(-logsnr)`."""
+    """Log noise variance, `log(sigma^2) = log sigmoid(-logsnr)` (PAPER.md section 1).
+
+    **Arguments:**
+
+    - `logsnr`: a scalar.
+
+    **Returns:** a non-positive scalar, accurate for any finite `logsnr`.
+    """
     return jax.nn.log_sigmoid(-jnp.asarray(logsnr))
 
 
 def alpha(logsnr: ScalarLike) -> Scalar:
-    """Signal scale `alpha = sqrt(sigmoid(logsnr))`, computed in log space."""
+    """Signal scale `alpha = sqrt(sigmoid(logsnr))`, computed in log space.
+
+    **Arguments:**
+
+    - `logsnr`: a scalar.
+
+    **Returns:** a scalar in [0, 1].
+    """
     return jnp.exp(0.5 * log_alpha2(logsnr))
 
 
 def sigma(logsnr: ScalarLike) -> Scalar:
-    """Noise scale `sigma = sqrt(sigmoid(-logsnr))`, computed in log space."""
+    """Noise scale `sigma = sqrt(sigmoid(-logsnr))`, computed in log space.
+
+    **Arguments:**
+
+    - `logsnr`: a scalar.
+
+    **Returns:** a scalar in [0, 1].
+    """
     return jnp.exp(0.5 * log_sigma2(logsnr))
 
 
 def sample_q(
     x: Float[ArrayLike, "*shape"], logsnr: ScalarLike, *, key: PRNGKeyArray
 ) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
-    """Draw `z ~ q(z | x) = N(alpha x, sigma^2 I)`.
+    """Draw `z ~ q(z | x) = N(alpha x, sigma^2 I)` (PAPER.md section 1).
 
-    **Returns:** `(z, eps)` with `z = alpha x + sigma eps`, so that callers can form
-    the regression target of any parameterisation.
+    **Arguments:**
+
+    - `x`: one example, any shape.
+    - `logsnr`: the noise level, a scalar.
+    - `key`: a PRNG key.
+
+    **Returns:** `(z, eps)` with `z = alpha x + sigma eps`, both the shape and dtype
+    of `x`, so that callers can form the regression target of any parameterisation.
     """
     x = jnp.asarray(x)
     eps = jax.random.normal(key, x.shape, x.dtype)
@@ -62,7 +96,15 @@ def sample_q(
 
 
 def dlogsnr_dt(schedule: Schedule, t: ScalarLike) -> Scalar:
-    """`dlogsnr/dt` of a schedule by forward-mode autodiff (negative)."""
+    """`dlogsnr/dt` of a schedule by forward-mode autodiff, `-1 / p(logsnr(t))`.
+
+    **Arguments:**
+
+    - `schedule`: the noise schedule.
+    - `t`: time in [0, 1], a scalar.
+
+    **Returns:** a negative scalar.
+    """
     t = jnp.asarray(t, dtype=jnp.result_type(t, float))
     return jax.jvp(schedule.logsnr, (t,), (jnp.ones_like(t),))[1]
 
@@ -70,14 +112,31 @@ def dlogsnr_dt(schedule: Schedule, t: ScalarLike) -> Scalar:
 def forward_drift(
     z: Float[ArrayLike, "*shape"], t: ScalarLike, schedule: Schedule
 ) -> Float[Array, "*shape"]:
-    """Drift `f(t) z` of the forward SDE, `f = 1/2 sigma^2 dlogsnr/dt`."""
+    """Drift `f(t) z` of the forward SDE, `f = 1/2 sigma^2 dlogsnr/dt`.
+
+    **Arguments:**
+
+    - `z`: the latent, any shape.
+    - `t`: time in [0, 1], a scalar.
+    - `schedule`: the noise schedule.
+
+    **Returns:** `f(t) z`, the shape of `z`.
+    """
     logsnr = schedule.logsnr(t)
     f = 0.5 * jnp.exp(log_sigma2(logsnr)) * dlogsnr_dt(schedule, t)
     return f * jnp.asarray(z)
 
 
 def forward_diffusion(t: ScalarLike, schedule: Schedule) -> Scalar:
-    """Diffusion coefficient `g(t) = sqrt(-sigma^2 dlogsnr/dt)` of the forward SDE."""
+    """Diffusion coefficient `g(t) = sqrt(-sigma^2 dlogsnr/dt)` of the forward SDE.
+
+    **Arguments:**
+
+    - `t`: time in [0, 1], a scalar.
+    - `schedule`: the noise schedule.
+
+    **Returns:** a non-negative scalar.
+    """
     logsnr = schedule.logsnr(t)
     return jnp.sqrt(-jnp.exp(log_sigma2(logsnr)) * dlogsnr_dt(schedule, t))
 
@@ -88,7 +147,19 @@ def probability_flow_drift(
     t: ScalarLike,
     schedule: Schedule,
 ) -> Float[Array, "*shape"]:
-    """Probability-flow ODE drift `f z - 1/2 sigma (dlogsnr/dt) eps_hat` in time `t`."""
+    """Probability-flow ODE drift `f z - 1/2 sigma (dlogsnr/dt) eps_hat` in time `t`.
+
+    `f z - 1/2 g^2 score` with `score = -eps_hat / sigma` (module docstring).
+
+    **Arguments:**
+
+    - `eps_hat`: the noise prediction at `(z, logsnr(t))`.
+    - `z`: the latent, the same shape.
+    - `t`: time in [0, 1], a scalar.
+    - `schedule`: the noise schedule.
+
+    **Returns:** `dz/dt`, the shape of `z`.
+    """
     logsnr = schedule.logsnr(t)
     slope = dlogsnr_dt(schedule, t)
     eps_term = -0.5 * sigma(logsnr) * slope * jnp.asarray(eps_hat)
@@ -103,7 +174,17 @@ def reverse_sde_drift(
 ) -> Float[Array, "*shape"]:
     """Reverse-time SDE drift `f z - sigma (dlogsnr/dt) eps_hat` in time `t`.
 
-    The reverse SDE runs from `t = 1` to `t = 0` with diffusion `g(t)`.
+    `f z - g^2 score` with `score = -eps_hat / sigma`; the reverse SDE runs from
+    `t = 1` to `t = 0` with diffusion `g(t)`.
+
+    **Arguments:**
+
+    - `eps_hat`: the noise prediction at `(z, logsnr(t))`.
+    - `z`: the latent, the same shape.
+    - `t`: time in [0, 1], a scalar.
+    - `schedule`: the noise schedule.
+
+    **Returns:** the drift, the shape of `z`.
     """
     logsnr = schedule.logsnr(t)
     slope = dlogsnr_dt(schedule, t)
@@ -120,6 +201,14 @@ def probability_flow_drift_logsnr(
 
     `dz/dlogsnr = 1/2 sigma^2 z - 1/2 sigma eps_hat`, the time-`t` drift divided by
     `dlogsnr/dt`; it is the same for every schedule.
+
+    **Arguments:**
+
+    - `eps_hat`: the noise prediction at `(z, logsnr)`.
+    - `z`: the latent, the same shape.
+    - `logsnr`: the noise level, a scalar.
+
+    **Returns:** `dz/dlogsnr`, the shape of `z`.
     """
     sigma2 = jnp.exp(log_sigma2(logsnr))
     return 0.5 * sigma2 * jnp.asarray(z) - 0.5 * sigma(logsnr) * jnp.asarray(eps_hat)

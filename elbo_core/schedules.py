@@ -33,7 +33,15 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar, ScalarLike
 
 
 def check_logsnr_range(owner: str, logsnr_min: float, logsnr_max: float) -> None:
-    """Raise `ValueError` unless `logsnr_min < logsnr_max`, both finite."""
+    """Raise `ValueError` unless `logsnr_min < logsnr_max`, both finite.
+
+    **Arguments:**
+
+    - `owner`: the name the message starts with (a class or function).
+    - `logsnr_min`, `logsnr_max`: the end points of a log-SNR range, Python floats.
+
+    **Raises:** `ValueError` naming both values.
+    """
     if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max)):
         raise ValueError(
             f"{owner}: logsnr_min={logsnr_min} and logsnr_max={logsnr_max} must both "
@@ -45,6 +53,38 @@ def check_logsnr_range(owner: str, logsnr_min: float, logsnr_max: float) -> None
             f"logsnr_max={logsnr_max}; a schedule runs from logsnr_max at t=0 down "
             "to logsnr_min at t=1."
         )
+
+
+def check_finite(owner: str, **values: float) -> None:
+    """Raise `ValueError` unless every named hyper-parameter is a finite number.
+
+    **Arguments:**
+
+    - `owner`: the name the message starts with (a class or function).
+    - `**values`: the hyper-parameters by name, Python floats.
+
+    **Raises:** `ValueError` naming the first non-finite value, e.g. `p_mean=nan`.
+    """
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name}={value} must be a finite number.")
+
+
+def check_positive(owner: str, **values: float) -> None:
+    """Raise `ValueError` unless every named hyper-parameter is positive and finite.
+
+    **Arguments:**
+
+    - `owner`: the name the message starts with (a class or function).
+    - `**values`: the hyper-parameters by name, Python floats.
+
+    **Raises:** `ValueError` naming the first value that is not, e.g. `k=0.0`.
+    """
+    for name, value in values.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(
+                f"{owner}: {name}={value} must be a positive finite number."
+            )
 
 
 def _as_float(t: ScalarLike) -> Array:
@@ -68,8 +108,9 @@ def _round_into(x: Array, lo: float, hi: float) -> Array:
 class Schedule(eqx.Module):
     """A strictly decreasing noise schedule truncated to `[logsnr_min, logsnr_max]`.
 
-    Subclasses implement `logsnr`, `t_of_logsnr` and `log_density` on the range;
-    `density` is zero outside it.
+    Subclasses implement `logsnr`, `t_of_logsnr` and `_log_density` on the range;
+    `density` is zero outside it. Every method takes and returns one scalar; batch
+    with `jax.vmap`.
     """
 
     logsnr_min: eqx.AbstractVar[float]
@@ -80,33 +121,79 @@ class Schedule(eqx.Module):
 
     @abc.abstractmethod
     def logsnr(self, t: ScalarLike) -> Scalar:
-        """Log-SNR at time `t` in [0, 1]."""
+        """Log-SNR `logsnr(t)` at time `t` (PAPER.md section 1, table of schedules).
+
+        **Arguments:**
+
+        - `t`: time, a scalar; clipped to [0, 1] (one-sided, so the derivative at
+          the end points is the schedule's own).
+
+        **Returns:** a scalar in `[logsnr_min, logsnr_max]`, `logsnr_max` at `t = 0`.
+        """
 
     @abc.abstractmethod
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
-        """Inverse of `logsnr(t)`, clipped to [0, 1] outside the range."""
+        """Inverse of the schedule, `t(logsnr)`, the mass of `p` above `logsnr`.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar; clipped to the range, so `t` is 1 below it and 0
+          above it.
+
+        **Returns:** a scalar in [0, 1].
+        """
 
     @abc.abstractmethod
     def _log_density(self, logsnr: Array) -> Array:
         """Log of `-dt/dlogsnr` on the range (no masking)."""
 
     def log_density(self, logsnr: ScalarLike) -> Scalar:
-        """`log p(logsnr)`; `-inf` outside `[logsnr_min, logsnr_max]`."""
+        """`log p(logsnr)` with `p = -dt/dlogsnr`; `-inf` outside the range.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a scalar, finite on `[logsnr_min, logsnr_max]`.
+        """
         logsnr = _as_float(logsnr)
         inside = (logsnr >= self.logsnr_min) & (logsnr <= self.logsnr_max)
         safe = _clip(logsnr, self.logsnr_min, self.logsnr_max)
         return jnp.where(inside, self._log_density(safe), -jnp.inf)
 
     def density(self, logsnr: ScalarLike) -> Scalar:
-        """`p(logsnr) = -dt/dlogsnr`; zero outside `[logsnr_min, logsnr_max]`."""
+        """`p(logsnr) = -dt/dlogsnr` (PAPER.md section 1); zero outside the range.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a non-negative scalar integrating to one over the range.
+        """
         return jnp.exp(self.log_density(logsnr))
 
     def sample(self, *, key: PRNGKeyArray) -> Scalar:
-        """Draw `logsnr ~ p` by mapping `t ~ U(0, 1)` through `logsnr(t)`."""
+        """Draw `logsnr ~ p` by mapping `t ~ U(0, 1)` through `logsnr(t)`.
+
+        **Arguments:**
+
+        - `key`: a PRNG key.
+
+        **Returns:** one scalar draw in `[logsnr_min, logsnr_max]`.
+        """
         return self.logsnr(jax.random.uniform(key))
 
     def logsnr_from_uniform(self, u: Float[ArrayLike, "*n"]) -> Float[Array, "*n"]:
-        """Map uniforms in [0, 1] through the schedule (for stratified draws)."""
+        """Map uniforms through the schedule elementwise, `logsnr(u)`.
+
+        For stratified or low-discrepancy draws of `logsnr ~ p`.
+
+        **Arguments:**
+
+        - `u`: uniforms in [0, 1], any shape.
+
+        **Returns:** `logsnr(u)` of the same shape.
+        """
         return jnp.vectorize(self.logsnr)(u)
 
 
@@ -191,10 +278,11 @@ class ShiftedCosine(Schedule):
     logsnr_max: float = eqx.field(default=15.0, converter=float)
 
     def __check_init__(self):
-        for name in ("resolution", "base_resolution"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"ShiftedCosine: {name}={value} must be positive.")
+        check_positive(
+            "ShiftedCosine",
+            resolution=self.resolution,
+            base_resolution=self.base_resolution,
+        )
 
     @property
     def shift(self) -> float:
@@ -238,15 +326,17 @@ class EDM(Schedule):
     logsnr_max: float = eqx.field(default=15.0, converter=float)
 
     def __check_init__(self):
-        if not self.p_std > 0:
-            raise ValueError(f"EDM: p_std={self.p_std} must be positive.")
+        check_finite("EDM", p_mean=self.p_mean)
+        check_positive("EDM", p_std=self.p_std)
 
     @property
     def mean(self) -> float:
+        """Mean of `logsnr` before truncation, `-2 p_mean`."""
         return -2 * self.p_mean
 
     @property
     def std(self) -> float:
+        """Standard deviation of `logsnr` before truncation, `2 p_std`."""
         return 2 * self.p_std
 
     def _standard_ends(self):
@@ -336,8 +426,9 @@ class Linear(Schedule):
     logsnr_max: float = eqx.field(default=15.0, converter=float)
 
     def logsnr(self, t: ScalarLike) -> Scalar:
-        t = _as_float(t)
-        return self.logsnr_max + t * (self.logsnr_min - self.logsnr_max)
+        t = _clip(_as_float(t), 0.0, 1.0)
+        logsnr = self.logsnr_max + t * (self.logsnr_min - self.logsnr_max)
+        return _round_into(logsnr, self.logsnr_min, self.logsnr_max)
 
     def t_of_logsnr(self, logsnr: ScalarLike) -> Scalar:
         logsnr = _clip(_as_float(logsnr), self.logsnr_min, self.logsnr_max)
@@ -383,18 +474,26 @@ class PiecewiseConstant(Schedule):
 
     @property
     def num_bins(self) -> int:
+        """Number of bins, the length of `bin_weights`."""
         return self.bin_weights.shape[0]
 
     @property
     def bin_width(self) -> float:
+        """Width of every bin, `(logsnr_max - logsnr_min) / num_bins`."""
         return (self.logsnr_max - self.logsnr_min) / self.num_bins
 
     def bin_edges(self) -> Float[Array, " num_edges"]:
-        """Edges of the bins, increasing in logsnr."""
+        """Edges of the bins, increasing in logsnr.
+
+        **Returns:** `num_bins + 1` edges from `logsnr_min` to `logsnr_max`.
+        """
         return jnp.linspace(self.logsnr_min, self.logsnr_max, self.num_bins + 1)
 
     def probabilities(self) -> Float[Array, " num_bins"]:
-        """Bin masses, summing to one, ordered by increasing logsnr."""
+        """Bin masses `bin_weights / sum(bin_weights)`, by increasing logsnr.
+
+        **Returns:** `num_bins` masses summing to one.
+        """
         return self.bin_weights / jnp.sum(self.bin_weights)
 
     def _mass_above(self):
@@ -440,7 +539,17 @@ SCHEDULES: dict[str, type[Schedule]] = {
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
-    """Build the schedule `SCHEDULES[name](**kwargs)`, naming valid names on error."""
+    """Build the schedule `SCHEDULES[name](**kwargs)`, naming valid names on error.
+
+    **Arguments:**
+
+    - `name`: a key of `SCHEDULES`, e.g. `"cosine"`.
+    - `**kwargs`: the schedule's fields, e.g. `logsnr_min`, `logsnr_max`.
+
+    **Returns:** the schedule.
+
+    **Raises:** `ValueError` for an unknown name, listing the valid ones.
+    """
     if name not in SCHEDULES:
         raise ValueError(
             f"Unknown schedule {name!r}; valid names are {sorted(SCHEDULES)}."

@@ -31,6 +31,7 @@ Closed forms of Table 1 (up to a constant) and the proposed weightings:
 
 import abc
 import math
+import numbers
 
 import equinox as eqx
 import jax
@@ -39,18 +40,58 @@ import numpy as np
 import scipy.optimize
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar, ScalarLike
 
-from .schedules import check_logsnr_range
+from .schedules import check_finite, check_logsnr_range, check_positive
 
 # Grid on which monotonicity is computed unless the caller gives a range.
 MONOTONIC_CHECK_RANGE = (-20.0, 20.0)
 MONOTONIC_CHECK_POINTS = 4001
+# A slope of `log w` counts as rising only above this many eps of the working
+# precision: autodiff slopes are sums of a few terms of size <= ~10 on the check
+# ranges, so rounding moves a flat or falling slope above zero by at most ~10 eps,
+# while every genuinely rising weighting of Table 1 rises at a slope above 0.1.
+MONOTONIC_SLOPE_ULPS = 100
 # Bisection steps when inverting a monotonic weighting: 2^-64 of the range is below
 # float64 resolution for any range used here.
 INVERSE_BISECTION_STEPS = 64
+# Grid on which the peak of a unimodal weighting is bracketed before Brent's method:
+# the widest range the library supports, at spacing 0.01, so that a second sign
+# change of the slope further than 0.01 from the first is caught as non-unimodal.
+PEAK_SEARCH_RANGE = (-40.0, 40.0)
+PEAK_SEARCH_POINTS = 8001
+# Brent's stopping tolerance on the peak: the slope's float64 rounding (~1e-16 on
+# terms of size ~1) over its derivative at the EDM peak (~0.35) places the root to
+# ~1e-15, so iterating below ~4 times that gains nothing.
+PEAK_XTOL = 4e-15
 
 
 def _as_float(x: ScalarLike) -> Array:
     return jnp.asarray(x, dtype=jnp.result_type(x, float))
+
+
+def _is_traced(*values) -> bool:
+    return any(isinstance(value, jax.core.Tracer) for value in values)
+
+
+def _check_bounds(owner: str, logsnr_min: ScalarLike, logsnr_max: ScalarLike) -> None:
+    """`check_logsnr_range` on concrete end points; traced ones are left to
+    `_error_if_bad_bounds`."""
+    if not _is_traced(logsnr_min, logsnr_max):
+        check_logsnr_range(owner, float(logsnr_min), float(logsnr_max))
+
+
+def _error_if_bad_bounds(value: Array, logsnr_min, logsnr_max) -> Array:
+    """`value`, with a run-time error under `jit` unless `min < max`, both finite."""
+    if not _is_traced(logsnr_min, logsnr_max):
+        return value
+    logsnr_min, logsnr_max = jnp.asarray(logsnr_min), jnp.asarray(logsnr_max)
+    good = jnp.isfinite(logsnr_min) & jnp.isfinite(logsnr_max)
+    good = good & (logsnr_min < logsnr_max)
+    return eqx.error_if(
+        value,
+        ~good,
+        "logsnr_min must be below logsnr_max, both finite: a range runs from "
+        "logsnr_min up to logsnr_max.",
+    )
 
 
 def _log_sech(x):
@@ -58,22 +99,54 @@ def _log_sech(x):
 
 
 class Weighting(eqx.Module):
-    """A weighting function `w(logsnr) > 0`, evaluated in log space."""
+    """A weighting function `w(logsnr) > 0`, evaluated in log space.
+
+    Subclasses implement `log_weight`; every method takes and returns one scalar
+    (batch with `jax.vmap`).
+    """
 
     @abc.abstractmethod
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
-        """`log w(logsnr)`."""
+        """`log w(logsnr)`, the log of the weighting of PAPER.md section 2.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a scalar (`-inf` where `w` is zero).
+        """
 
     def __call__(self, logsnr: ScalarLike) -> Scalar:
-        """`w(logsnr)`."""
+        """`w(logsnr) = exp(log_weight(logsnr))`.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a non-negative scalar.
+        """
         return jnp.exp(self.log_weight(logsnr))
 
     def dlog_weight(self, logsnr: ScalarLike) -> Scalar:
-        """`d log w / dlogsnr` by autodiff."""
+        """`d log w / dlogsnr` by autodiff.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a scalar; non-positive everywhere exactly when `w` is monotonic.
+        """
         return jax.grad(self.log_weight)(_as_float(logsnr))
 
     def dweight(self, logsnr: ScalarLike) -> Scalar:
-        """`dw / dlogsnr` by autodiff, formed as `w d(log w)/dlogsnr`."""
+        """`dw / dlogsnr` by autodiff, formed as `w d(log w)/dlogsnr`.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+
+        **Returns:** a scalar.
+        """
         return self(logsnr) * self.dlog_weight(logsnr)
 
     def max_log_slope(
@@ -82,8 +155,24 @@ class Weighting(eqx.Module):
         logsnr_max: float = MONOTONIC_CHECK_RANGE[1],
         num_points: int = MONOTONIC_CHECK_POINTS,
     ) -> float:
-        """Largest `d log w / dlogsnr` on a uniform grid over the range."""
-        check_logsnr_range(type(self).__name__, logsnr_min, logsnr_max)
+        """Largest `d log w / dlogsnr` on a uniform grid over the range.
+
+        **Arguments:**
+
+        - `logsnr_min`, `logsnr_max`: the range, finite, `logsnr_min < logsnr_max`.
+        - `num_points`: grid points, end points included; at least 2.
+
+        **Returns:** the largest slope, a Python float.
+
+        **Raises:** `ValueError` for a bad range or `num_points`.
+        """
+        owner = type(self).__name__
+        check_logsnr_range(owner, logsnr_min, logsnr_max)
+        if not (isinstance(num_points, numbers.Integral) and num_points >= 2):
+            raise ValueError(
+                f"{owner}: num_points={num_points!r} must be an integer of at least "
+                "2, so that the grid holds both end points of the range."
+            )
         with jax.ensure_compile_time_eval():
             grid = jnp.linspace(logsnr_min, logsnr_max, num_points)
             slopes = jax.vmap(self.dlog_weight)(grid)
@@ -99,11 +188,20 @@ class Weighting(eqx.Module):
 
         The slope of `log w` is evaluated by autodiff on `num_points` points; a
         weighting counts as monotonic when no slope exceeds rounding level
-        (`100 eps` of the working precision). Weightings with flat stretches, such
-        as `edm_monotonic`, have slope exactly zero there.
+        (`MONOTONIC_SLOPE_ULPS` eps of the working precision). Weightings with flat
+        stretches, such as `edm_monotonic`, have slope exactly zero there.
+
+        **Arguments:**
+
+        - `logsnr_min`, `logsnr_max`: the range, finite, `logsnr_min < logsnr_max`.
+        - `num_points`: grid points, end points included; at least 2.
+
+        **Returns:** a Python bool.
+
+        **Raises:** `ValueError` for a bad range or `num_points`.
         """
         dtype = jnp.result_type(float)
-        tolerance = 100 * float(jnp.finfo(dtype).eps)
+        tolerance = MONOTONIC_SLOPE_ULPS * float(jnp.finfo(dtype).eps)
         return self.max_log_slope(logsnr_min, logsnr_max, num_points) <= tolerance
 
     def augmentation_density(
@@ -111,22 +209,50 @@ class Weighting(eqx.Module):
     ) -> Scalar:
         """`p_w(logsnr) = -(dw/dlogsnr) / w(logsnr_min)` on the range, else 0.
 
-        For a non-monotonic weighting this is the signed density of the by-parts
-        decomposition; its negative parts are the ELBOs the objective pushes up.
+        The density of noise levels of the augmentation that makes `L_w` an ELBO
+        (PAPER.md section 4). For a non-monotonic weighting this is the signed
+        density of the by-parts decomposition; its negative parts are the ELBOs the
+        objective pushes up.
+
+        **Arguments:**
+
+        - `logsnr`: a scalar.
+        - `logsnr_min`, `logsnr_max`: the range, `logsnr_min < logsnr_max`, both
+          finite.
+
+        **Returns:** a scalar, zero outside the range.
+
+        **Raises:** `ValueError` for a bad range given as concrete values; under
+        `jit` with traced end points, a run-time error (`eqx.error_if`).
         """
+        _check_bounds("augmentation_density", logsnr_min, logsnr_max)
         logsnr = _as_float(logsnr)
         logsnr_min = jnp.asarray(logsnr_min, logsnr.dtype)
         logsnr_max = jnp.asarray(logsnr_max, logsnr.dtype)
         inside = (logsnr >= logsnr_min) & (logsnr <= logsnr_max)
         safe = jnp.clip(logsnr, logsnr_min, logsnr_max)
         relative = jnp.exp(self.log_weight(safe) - self.log_weight(logsnr_min))
-        return jnp.where(inside, -self.dlog_weight(safe) * relative, 0.0)
+        density = jnp.where(inside, -self.dlog_weight(safe) * relative, 0.0)
+        return _error_if_bad_bounds(density, logsnr_min, logsnr_max)
 
     def augmentation_point_mass(
         self, logsnr_min: ScalarLike, logsnr_max: ScalarLike
     ) -> Scalar:
-        """Mass `w(logsnr_max) / w(logsnr_min)` that `p_w` leaves at `logsnr_max`."""
-        return jnp.exp(self.log_weight(logsnr_max) - self.log_weight(logsnr_min))
+        """Mass `w(logsnr_max) / w(logsnr_min)` that `p_w` leaves at `logsnr_max`.
+
+        **Arguments:**
+
+        - `logsnr_min`, `logsnr_max`: the range, `logsnr_min < logsnr_max`, both
+          finite.
+
+        **Returns:** a scalar, in [0, 1] for a monotonic weighting.
+
+        **Raises:** `ValueError` for a bad range given as concrete values; under
+        `jit` with traced end points, a run-time error (`eqx.error_if`).
+        """
+        _check_bounds("augmentation_point_mass", logsnr_min, logsnr_max)
+        log_mass = self.log_weight(logsnr_max) - self.log_weight(logsnr_min)
+        return _error_if_bad_bounds(jnp.exp(log_mass), logsnr_min, logsnr_max)
 
     def sample_augmentation(
         self, logsnr_min: ScalarLike, logsnr_max: ScalarLike, *, key: PRNGKeyArray
@@ -137,6 +263,16 @@ class Weighting(eqx.Module):
         by bisection on `log w`, so any monotonic weighting can be sampled. The end
         points must be concrete (they are checked); the draw has their precision, so
         float32 arrays give a float32 draw.
+
+        **Arguments:**
+
+        - `logsnr_min`, `logsnr_max`: the range, concrete, `logsnr_min < logsnr_max`.
+        - `key`: a PRNG key.
+
+        **Returns:** one scalar draw in `[logsnr_min, logsnr_max]`, equal to
+        `logsnr_max` with probability `augmentation_point_mass`.
+
+        **Raises:** `ValueError` for a bad range, or when `w` is not monotonic on it.
         """
         # Work in the precision of the end points (float64 for Python floats when
         # x64 is enabled, float32 for float32 arrays).
@@ -199,9 +335,8 @@ class EDM(Weighting):
     sigma_data: float = eqx.field(default=0.5, converter=float)
 
     def __check_init__(self):
-        for name in ("p_std", "sigma_data"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"EDM: {name}={getattr(self, name)} must be positive.")
+        check_finite("EDM", p_mean=self.p_mean)
+        check_positive("EDM", p_std=self.p_std, sigma_data=self.sigma_data)
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
         logsnr = _as_float(logsnr)
@@ -242,8 +377,8 @@ class P2(Weighting):
     k: float = eqx.field(default=1.0, converter=float)
 
     def __check_init__(self):
-        if not self.k > 0:
-            raise ValueError(f"P2: k={self.k} must be positive.")
+        check_finite("P2", gamma=self.gamma)
+        check_positive("P2", k=self.k)
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
         logsnr = _as_float(logsnr)
@@ -258,8 +393,7 @@ class MinSNR(Weighting):
     gamma: float = eqx.field(default=5.0, converter=float)
 
     def __check_init__(self):
-        if not self.gamma > 0:
-            raise ValueError(f"MinSNR: gamma={self.gamma} must be positive.")
+        check_positive("MinSNR", gamma=self.gamma)
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
         logsnr = _as_float(logsnr)
@@ -270,6 +404,9 @@ class Sigmoid(Weighting):
     """`w = sigmoid(bias - logsnr)`; its `p_w` is Logistic(bias, 1). Section 5."""
 
     bias: float = eqx.field(default=2.0, converter=float)
+
+    def __check_init__(self):
+        check_finite("Sigmoid", bias=self.bias)
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
         return jax.nn.log_sigmoid(self.bias - _as_float(logsnr))
@@ -293,7 +430,7 @@ def _single_peak(weighting: Weighting, lo: float, hi: float, num_points: int) ->
         with jax.ensure_compile_time_eval():
             return float(weighting.dlog_weight(value))
 
-    return float(scipy.optimize.brentq(slope, grid[i], grid[i + 1], xtol=1e-12))
+    return float(scipy.optimize.brentq(slope, grid[i], grid[i + 1], xtol=PEAK_XTOL))
 
 
 class EDMMonotonic(Weighting):
@@ -311,7 +448,9 @@ class EDMMonotonic(Weighting):
         self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5
     ):
         self.edm = EDM(p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)
-        self.logsnr_peak = _single_peak(self.edm, -40.0, 40.0, 8001)
+        self.logsnr_peak = _single_peak(
+            self.edm, *PEAK_SEARCH_RANGE, PEAK_SEARCH_POINTS
+        )
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
         return self.edm.log_weight(jnp.maximum(_as_float(logsnr), self.logsnr_peak))
@@ -329,14 +468,13 @@ class Shifted(Weighting):
     base_resolution: float = eqx.field(default=64.0, converter=float)
 
     def __check_init__(self):
-        for name in ("resolution", "base_resolution"):
-            if not getattr(self, name) > 0:
-                raise ValueError(
-                    f"Shifted: {name}={getattr(self, name)} must be positive."
-                )
+        check_positive(
+            "Shifted", resolution=self.resolution, base_resolution=self.base_resolution
+        )
 
     @property
     def shift(self) -> float:
+        """`2 log(base_resolution / resolution)`."""
         return 2 * math.log(self.base_resolution / self.resolution)
 
     def log_weight(self, logsnr: ScalarLike) -> Scalar:
@@ -358,7 +496,17 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 
 
 def get_weighting(name: str, **kwargs) -> Weighting:
-    """Build `WEIGHTINGS[name](**kwargs)`, naming the valid names on error."""
+    """Build `WEIGHTINGS[name](**kwargs)`, naming the valid names on error.
+
+    **Arguments:**
+
+    - `name`: a key of `WEIGHTINGS`, e.g. `"sigmoid"`.
+    - `**kwargs`: the weighting's constants, e.g. `bias`.
+
+    **Returns:** the weighting.
+
+    **Raises:** `ValueError` for an unknown name, listing the valid ones.
+    """
     if name not in WEIGHTINGS:
         raise ValueError(
             f"Unknown weighting {name!r}; valid names are {sorted(WEIGHTINGS)}."
@@ -369,7 +517,16 @@ def get_weighting(name: str, **kwargs) -> Weighting:
 def normalized(
     weighting: Weighting, logsnr: Float[ArrayLike, " n"]
 ) -> Float[Array, " n"]:
-    """`w / max w` over the given points, for plotting on one axis."""
+    """`w / max w` over the given points, for plotting on one axis.
+
+    **Arguments:**
+
+    - `weighting`: any weighting.
+    - `logsnr`: a vector of levels.
+
+    **Returns:** `w(logsnr) / max w(logsnr)`, formed in log space, of the same
+    shape.
+    """
     logsnr = jnp.asarray(logsnr, dtype=jnp.result_type(logsnr, float))
     log_w = jax.vmap(weighting.log_weight)(logsnr)
     return jnp.exp(log_w - jnp.max(log_w))

@@ -18,11 +18,24 @@ import scipy.stats
 
 from elbo_core import analytic
 
-# Log densities: logsumexp of a few float64 terms of size <= ~100.
-LOG_PROB_ATOL = 1e-11
-# Score and optimal predictions against autodiff of the log density: both are sums
-# of a few float64 terms per component, agreeing to rounding.
-AUTODIFF_RTOL = 1e-10
+# Log densities: logsumexp of a few float64 terms of size <= ~100, a few ulps
+# (1.4e-14) of that. Measured 5.3e-15.
+LOG_PROB_ATOL = 1e-13
+# Score and optimal predictions against autodiff of the log density, relative to
+# their largest coordinate: both are sums of a few float64 terms per component of
+# size up to ~1e3 (narrow components), agreeing to rounding. Measured 2.7e-14.
+AUTODIFF_RTOL = 1e-12
+# Tweedie's `alpha x_opt + sigma eps_opt = z` with |z| <= ~10: a few ulps (1.8e-15)
+# of it. Measured 1.3e-15.
+TWEEDIE_ATOL = 1e-14
+# Responsibilities from a softmax of at most four terms sum to one to an ulp or two.
+SOFTMAX_SUM_ATOL = 1e-15
+# The library's closed forms (a sigmoid and a log, a Gaussian log density) against
+# scipy's in float64: a few ulps. Measured 4.4e-16.
+CLOSED_FORM_RTOL = 2e-15
+# PAPER.md section 4 quotes the Gaussian NLL to six decimals (1.062264): half a unit
+# of the last one.
+PAPER_DECIMALS_ATOL = 5e-7
 # The noisy marginal at logsnr = 30 differs from the rescaled data density through
 # the variances, by sigma^2 / (alpha^2 s^2) ~ e^-30 / 0.04 ~ 2e-12 times
 # |x - mu|^2 / s^2 <= ~1e2; at logsnr = -60 from N(0, I) through the means, by
@@ -35,6 +48,13 @@ GAUSS_HERMITE_RTOL = 1e-12
 # probability 6e-7 per check).
 NUM_STANDARD_ERRORS = 5.0
 NUM_SAMPLES = 20_000
+# Significance of the chi-square test of component counts: a correct sampler fails
+# with this probability over keys (the key is fixed, so the outcome is
+# deterministic).
+CHI2_ALPHA = 1e-3
+# Each coordinate of a draw lies within this many stds of its component's mean but
+# with probability 2 Phi(-6) = 2e-9, so 8e-5 over the 40_000 coordinates drawn.
+NUM_COMPONENT_STDS = 6.0
 
 MIXTURES = {
     "1d": dict(
@@ -186,8 +206,10 @@ def test_x_optimal_satisfies_tweedie(case):
         values["alpha"][:, None] * values["x_optimal"]
         + values["sigma"][:, None] * values["eps_optimal"]
     )
-    np.testing.assert_allclose(reconstructed, z, rtol=0, atol=AUTODIFF_RTOL * 10)
-    np.testing.assert_allclose(values["posterior_weights"].sum(axis=-1), 1, rtol=1e-14)
+    np.testing.assert_allclose(reconstructed, z, rtol=0, atol=TWEEDIE_ATOL)
+    np.testing.assert_allclose(
+        values["posterior_weights"].sum(axis=-1), 1, rtol=0, atol=SOFTMAX_SUM_ATOL
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MIXTURES))
@@ -252,7 +274,7 @@ def test_gaussian_eps_mse_exact(std):
     np.testing.assert_allclose(
         jax.vmap(analytic.gaussian_eps_mse, (None, 0))(std, jnp.asarray(logsnr)),
         closed,
-        rtol=1e-14,
+        rtol=CLOSED_FORM_RTOL,
     )
 
 
@@ -276,13 +298,14 @@ def test_gaussian_eps_mse_monte_carlo(std):
 
 def test_gaussian_nll():
     # 1/2 log(2 pi s^2) + 1/2 (PAPER.md section 4: 1.062264 at s = 0.7).
-    assert float(analytic.gaussian_nll(0.7)) == pytest.approx(1.0622640, abs=1e-6)
+    nll = float(analytic.gaussian_nll(0.7))
+    assert nll == pytest.approx(1.062264, abs=PAPER_DECIMALS_ATOL)
     x = np.linspace(-3, 3, 7)[:, None]
     mixture = analytic.GaussianMixture.gaussian(1, 0.7)
     np.testing.assert_allclose(
         jax.vmap(mixture.log_prob)(jnp.asarray(x)),
         scipy.stats.norm(0, 0.7).logpdf(x[:, 0]),
-        rtol=1e-14,
+        rtol=CLOSED_FORM_RTOL,
     )
 
 
@@ -315,31 +338,109 @@ def test_sample_with_component_matches_weights():
     _check_moments(mixture, x)
     counts = np.bincount(k, minlength=mixture.num_components)
     result = scipy.stats.chisquare(counts, NUM_SAMPLES * np.asarray(mixture.weights))
-    assert result.pvalue > 1e-3
-    # Each draw sits near its own component: within 6 stds in every coordinate.
+    assert result.pvalue > CHI2_ALPHA
+    # Each draw sits near its own component, in every coordinate.
     stds = np.asarray(mixture.stds)[k, None]
-    assert np.all(np.abs(x - np.asarray(mixture.means)[k]) < 6 * stds)
+    distance = np.abs(x - np.asarray(mixture.means)[k])
+    assert np.all(distance < NUM_COMPONENT_STDS * stds)
 
 
 # --- float32 on the widest range ------------------------------------------------------
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal, 1.2e-38
+# float32 against float64 on the same float32 inputs and parameters, in ulps (2^-23)
+# of a condition factor. Each component's log density `c_k` is a sum of terms no
+# larger than `1 + |c_k|` (D squares summed: a few ulps of that); a logsumexp is a
+# responsibility-weighted mean of them. A responsibility `r_k = softmax(c)_k` errs
+# by `r_k` times the errors of `c_k` and of the mean, so every optimal prediction,
+# a responsibility-weighted sum of per-component terms `(z - alpha mu_k) g_k`, errs
+# by `sum_k r_k (1 + |c_k| + mean size) (|z| + alpha |mu_k|) |g_k|` ulps at most.
+# Responsibilities below float32's normal range lose precision gracefully (an
+# absolute floor of `FLOAT32_TINY`). Measured: at most 6.4 ulps (the data log density
+# in 10-D, where the sum of squares has ten terms).
+FLOAT32_ULPS = 16
+
+
+def _float32_scales(mixture, z, logsnr):
+    """Condition factors of every oracle output (see FLOAT32_ULPS), in float64."""
+    means, stds, weights = (
+        np.asarray(a, np.float64)
+        for a in (mixture.means, mixture.stds, mixture.weights)
+    )
+    dim = means.shape[1]
+
+    def components(scale, var):
+        # c_k at z, its size, the responsibilities and the condition of each.
+        spread = np.abs(z)[:, None, :] + scale[:, :, None] * np.abs(means)
+        diff = z[:, None, :] - scale[:, :, None] * means
+        c = (
+            np.log(weights)
+            - 0.5 * dim * np.log(2 * np.pi * var)
+            - 0.5 * np.sum(diff**2, axis=-1) / var
+        )
+        r = np.exp(c - scipy.special.logsumexp(c, axis=-1, keepdims=True))
+        size = 1 + np.abs(c)
+        mean_size = np.sum(r * size, axis=-1)
+        return spread, r, mean_size, r * (size + mean_size[:, None])
+
+    ones = np.ones((len(z), 1))
+    _, _, data_size, _ = components(ones, ones * stds**2)
+    alpha2 = scipy.special.expit(logsnr)[:, None]
+    sigma2 = scipy.special.expit(-logsnr)[:, None]
+    alpha = np.sqrt(alpha2)
+    var = alpha2 * stds**2 + sigma2
+    spread, _, mean_size, condition = components(alpha, var)
+
+    def weighted(gain):
+        return np.sum(condition[:, :, None] * gain, axis=1)
+
+    eps_terms = weighted(spread * (np.sqrt(sigma2) / var)[:, :, None])
+    return dict(
+        log_prob=data_size,
+        marginal_log_prob=mean_size,
+        posterior_weights=condition,
+        score=weighted(spread / var[:, :, None]),
+        eps_optimal=eps_terms,
+        denoiser=eps_terms,
+        x_optimal=weighted(
+            np.abs(means) + (alpha * stds**2 / var)[:, :, None] * spread
+        ),
+    )
+
+
 @pytest.mark.parametrize("name", ["1d", "10d"])
-def test_finite_on_widest_range(name):
-    # float64, and a float32 oracle: the module's arrays cast, as for any Equinox
-    # module. (The fixture's batch size, so float64 is not compiled again.)
+def test_float32_agrees_with_float64_on_widest_range(name):
+    # A float32 oracle (the module's arrays cast, as for any Equinox module) against
+    # float64 with the same, float32-rounded, parameters and inputs. (The fixture's
+    # batch size, so float64 is not compiled again.)
     num = 300
     logsnr = np.linspace(-40.0, 40.0, num)
     x = _numpy_sample(name, num, seed=23)
     eps = np.random.default_rng(29).standard_normal(x.shape)
     z = np.sqrt(scipy.special.expit(logsnr))[:, None] * x
     z = z + np.sqrt(scipy.special.expit(-logsnr))[:, None] * eps
-    for dtype in (jnp.float64, jnp.float32):
-        mixture = jax.tree.map(lambda a, dtype=dtype: a.astype(dtype), _mixture(name))
-        values = _evaluate(mixture, jnp.asarray(z, dtype), jnp.asarray(logsnr, dtype))
-        for key, value in values.items():
+    z, logsnr = (np.asarray(a, np.float32).astype(np.float64) for a in (z, logsnr))
+    single = jax.tree.map(lambda a: a.astype(jnp.float32), _mixture(name))
+    double = jax.tree.map(lambda a: a.astype(jnp.float64), single)
+    values = {}
+    for dtype, mixture in ((jnp.float64, double), (jnp.float32, single)):
+        values[dtype] = _evaluate(
+            mixture, jnp.asarray(z, dtype), jnp.asarray(logsnr, dtype)
+        )
+        for key, value in values[dtype].items():
             assert value.dtype == dtype, (key, value.dtype)
             assert bool(jnp.all(jnp.isfinite(value))), (key, dtype)
+    errors = {}
+    for key, scale in _float32_scales(double, z, logsnr).items():
+        reference = np.asarray(values[jnp.float64][key])
+        error = np.abs(np.asarray(values[jnp.float32][key], np.float64) - reference)
+        allowed = FLOAT32_EPS * scale + (
+            FLOAT32_TINY if key == "posterior_weights" else 0
+        )
+        errors[key] = float(np.max(error / allowed))
+    assert max(errors.values()) <= FLOAT32_ULPS, errors
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -356,6 +457,9 @@ GOOD = dict(means=np.zeros((2, 3)), stds=np.ones(2), weights=np.array([0.5, 0.5]
         (dict(weights=np.array([0.5, 0.6])), r"weights=\[0\.5 0\.6\].*sum 1\.1"),
         (dict(weights=np.array([1.5, -0.5])), r"weights=\[ 1\.5 -0\.5\]"),
         (dict(means=np.array([[0.0, np.nan, 0.0], [0, 0, 0]])), "means must be finite"),
+        (dict(stds=np.array([1.0, np.nan])), r"stds=\[ 1\. nan\]"),
+        (dict(stds=np.array([1.0, np.inf])), r"stds=\[ 1\. inf\]"),
+        (dict(weights=np.array([0.5, np.nan])), r"weights=\[0\.5 nan\]"),
     ],
 )
 def test_bad_parameters_are_named(change, message):
@@ -393,5 +497,30 @@ def test_zero_weight_component_is_harmless():
     np.testing.assert_allclose(
         values["marginal_log_prob"],
         scipy.stats.norm.logpdf(np.asarray(z[:, 0])),
-        rtol=1e-13,
+        rtol=CLOSED_FORM_RTOL,
     )
+
+
+@pytest.mark.parametrize("std", [-1.0, 0.0, np.nan, np.inf])
+def test_gaussian_closed_forms_reject_bad_std(std):
+    # Not a NaN (eps-MSE) or a plausible number (NLL of std=-1): an error naming it.
+    with pytest.raises(ValueError, match=f"std={std}"):
+        analytic.gaussian_eps_mse(std, 0.0)
+    with pytest.raises(ValueError, match=f"std={std}"):
+        analytic.gaussian_nll(std)
+    # Traced, it is checked at run time.
+    with pytest.raises(eqx.EquinoxRuntimeError, match="std must be a positive"):
+        eqx.filter_jit(analytic.gaussian_nll)(jnp.asarray(std))
+
+
+def test_weights_are_renormalised_after_the_check():
+    # Within WEIGHT_SUM_TOLERANCE of one (a float32 rounding), accepted and divided by
+    # their sum, so that the mixture is normalised in float64.
+    weights = np.array([0.5, 0.5 + 5e-7])
+    mixture = analytic.GaussianMixture(GOOD["means"], GOOD["stds"], weights)
+    assert float(jnp.sum(mixture.weights)) == pytest.approx(1.0, abs=SOFTMAX_SUM_ATOL)
+    np.testing.assert_allclose(
+        mixture.weights, weights / weights.sum(), rtol=CLOSED_FORM_RTOL
+    )
+    with pytest.raises(ValueError, match=r"sum 1\.00001"):
+        analytic.GaussianMixture(GOOD["means"], GOOD["stds"], np.array([0.5, 0.50001]))

@@ -12,6 +12,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from scipy.special import expit
@@ -20,19 +21,43 @@ from elbo_core import parameterization, schedules, weighting
 
 # Definitions and conversions are a few float64 operations on O(1) numbers over
 # logsnr in [-10, 10], where dividing by alpha or sigma amplifies rounding by at
-# most e^5 ~ 150: 1e-16 * 150 * (a few operations) is far below this.
-DEFINITION_RTOL = 1e-11
+# most e^5 ~ 150: 1e-16 * 150 * (a few operations) ~ 1e-13. Measured 9.2e-13.
+DEFINITION_RTOL = 5e-12
 # The same round trip on [-15, 15]: cancellation in `z - alpha x_hat` or
 # `z - sigma eps` amplifies rounding by up to 1/sigma or 1/alpha ~ e^7.5 ~ 2e3.
-ROUNDTRIP_ATOL = 1e-11
+# Measured 6.0e-13.
+ROUNDTRIP_ATOL = 3e-12
 # MSE factor from squared errors of random vectors: the ratio of two sums of
-# squares of affine images, exact up to rounding amplified as above.
-MSE_FACTOR_RTOL = 1e-10
-# Table 1: max minus min over logsnr of (log implied w - log closed form); the
-# brief's bar, far above the ~1e-14 the log-space formulas reach.
-TABLE_1_LOG_SPREAD = 1e-6
-# float32 rounding: a few ulps (2^-23) of O(1) quantities.
-FLOAT32_RTOL = 1e-5
+# squares of affine images, exact up to rounding amplified as above. Measured
+# 7.3e-13.
+MSE_FACTOR_RTOL = 4e-12
+# `mse_factor` is `exp(log_mse_factor)`: one exp, an ulp or two.
+EXP_LOG_RTOL = 1e-15
+# EDM's c_skip, c_out, c_in from a logaddexp and an exp against numpy's direct
+# formulas on [-15, 15]: a few ulps. Measured 1.1e-15.
+EDM_COEFFICIENT_RTOL = 4e-15
+# Table 1: max minus min over logsnr of (log implied w - log closed form). Both are
+# sums of a few log-space terms of size <= ~40 (an ulp of 7.1e-15) on the widest
+# range tested. Measured 1.4e-14.
+TABLE_1_LOG_SPREAD = 1e-13
+# The same log terms summed on both sides, of size <= ~30 (ulp 3.6e-15).
+LOG_SUM_ATOL = 1e-14
+# A non-increasing log-ratio whose differences of neighbours rise above zero only
+# by the rounding of two log-weights of size <= ~40 (ulp 7.1e-15). Measured 3.6e-15.
+NON_INCREASING_ATOL = 3e-14
+# Velocity definitions differentiate the schedule at `t(logsnr)`, and `t` holds
+# ~1e-16 absolute, which moves logsnr by ~1e-16 / p(logsnr): p >= this keeps the
+# slope to ~1e-13.
+VELOCITY_DENSITY_FLOOR = 1e-3
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23
+# float32 against float64 on the same float32 inputs, in ulps (2^-23) of a
+# condition factor. Every coefficient is exp(L) of a log-space L, which float32
+# rounds to an ulp of `1 + |logsnr| + |log c|` (the size of the log terms: log
+# alpha^2, log sigma^2, log p, log c); exp turns that into a relative error. An
+# affine output `A z + B eps` then errs by that times `|A z| + |B eps|`, the
+# magnitude of its terms, so cancellation between them costs nothing. Measured: at
+# most 2.3 ulps (the velocity's MSE factor under the EDM schedule).
+FLOAT32_ULPS = 8
 DIM = 3
 NUM_GRID = 201
 
@@ -145,21 +170,32 @@ def _mse_factor_definition(name, param, logsnr):
 
 
 @eqx.filter_jit
-def _evaluate(param, x, eps, eps_hat, logsnr):
-    alpha = jnp.exp(0.5 * jax.nn.log_sigmoid(logsnr))[:, None]
-    sigma = jnp.exp(0.5 * jax.nn.log_sigmoid(-logsnr))[:, None]
-    z = alpha * x + sigma * eps
+def _evaluate(param, x, eps, eps_hat, z, logsnr):
+    """Every output for a batch; `z` is given (see `_latent`), so that float32 and
+    float64 runs share their inputs exactly."""
     output = jax.vmap(param.from_eps)(eps, z, logsnr)
     output_hat = jax.vmap(param.from_eps)(eps_hat, z, logsnr)
+    ones, zeros = jnp.ones_like(z), jnp.zeros_like(z)
     return dict(
-        z=z,
         output=output,
         output_hat=output_hat,
         roundtrip=jax.vmap(param.to_eps)(output, z, logsnr),
         target=jax.vmap(param.target)(x, eps, logsnr),
         mse_factor=jax.vmap(param.mse_factor)(logsnr),
         log_mse_factor=jax.vmap(param.log_mse_factor)(logsnr),
+        # The affine coefficients, `from_eps = A z + B eps`, `to_eps = C out + E z`.
+        from_eps_z=jax.vmap(param.from_eps)(zeros, ones, logsnr),
+        from_eps_eps=jax.vmap(param.from_eps)(ones, zeros, logsnr),
+        to_eps_output=jax.vmap(param.to_eps)(ones, zeros, logsnr),
+        to_eps_z=jax.vmap(param.to_eps)(zeros, ones, logsnr),
     )
+
+
+def _latent(x, eps, logsnr):
+    """`z = alpha x + sigma eps` in numpy float64."""
+    logsnr = np.asarray(logsnr)[:, None]
+    alpha, sigma = _alpha_sigma(logsnr)
+    return alpha * np.asarray(x) + sigma * np.asarray(eps)
 
 
 def _draws(num, seed=0):
@@ -178,8 +214,9 @@ def case(request):
     param, _ = _build(name)
     logsnr = jnp.linspace(-15.0, 15.0, NUM_GRID)
     x, eps, eps_hat = _draws(NUM_GRID)
-    values = _evaluate(param, x, eps, eps_hat, logsnr)
-    arrays = dict(x=x, eps=eps, eps_hat=eps_hat, logsnr=logsnr)
+    z = jnp.asarray(_latent(x, eps, logsnr))
+    values = _evaluate(param, x, eps, eps_hat, z, logsnr)
+    arrays = dict(x=x, eps=eps, eps_hat=eps_hat, z=z, logsnr=logsnr)
     arrays = {k: np.asarray(v) for k, v in (arrays | values).items()}
     return name, param, arrays
 
@@ -197,11 +234,12 @@ def _well_conditioned(name, param, logsnr):
     Dividing by alpha or sigma costs up to e^5 of precision on |logsnr| <= 10.
     The velocity's definition differentiates the schedule at `t(logsnr)`, and `t`
     holds ~1e-16 absolute, which moves logsnr by ~1e-16 / p(logsnr): that needs
-    p >= 1e-3 to keep the slope to ~1e-13.
+    p >= `VELOCITY_DENSITY_FLOOR` to keep the slope to ~1e-13.
     """
     mask = np.abs(logsnr) <= 10
     if name in VELOCITY_CASES:
-        mask &= np.asarray(jax.vmap(param.schedule.density)(jnp.asarray(logsnr))) > 1e-3
+        density = np.asarray(jax.vmap(param.schedule.density)(jnp.asarray(logsnr)))
+        mask &= density > VELOCITY_DENSITY_FLOOR
     return mask
 
 
@@ -238,7 +276,7 @@ def test_mse_factor_is_ratio_of_squared_errors(case):
         rtol=MSE_FACTOR_RTOL,
     )
     np.testing.assert_allclose(
-        np.exp(values["log_mse_factor"]), values["mse_factor"], rtol=1e-14
+        np.exp(values["log_mse_factor"]), values["mse_factor"], rtol=EXP_LOG_RTOL
     )
 
 
@@ -250,7 +288,7 @@ def test_flow_matching_velocity_is_eps_minus_x():
     # On |logsnr| <= 10, where recovering x from z costs at most e^5 of precision.
     logsnr = jnp.linspace(-10.0, 10.0, NUM_GRID)
     x, eps, _ = _draws(NUM_GRID, seed=1)
-    values = _evaluate(param, x, eps, eps, logsnr)
+    values = _evaluate(param, x, eps, eps, jnp.asarray(_latent(x, eps, logsnr)), logsnr)
     width = 1 - 2 * expit(-20.0)
     np.testing.assert_allclose(
         values["output"], width * (eps - x), rtol=0, atol=DEFINITION_RTOL
@@ -268,8 +306,10 @@ def test_edm_f_preconditioning_coefficients():
     )(jnp.asarray(logsnr))
     expected = (0.25 / total, sigma_ve * 0.5 / np.sqrt(total), 1 / np.sqrt(total))
     for value, reference in zip(coefficients[:3], expected, strict=True):
-        np.testing.assert_allclose(value, reference, rtol=1e-13)
-    np.testing.assert_allclose(coefficients[3], np.log(sigma_ve) / 4, rtol=1e-13)
+        np.testing.assert_allclose(value, reference, rtol=EDM_COEFFICIENT_RTOL)
+    np.testing.assert_allclose(
+        coefficients[3], np.log(sigma_ve) / 4, rtol=EDM_COEFFICIENT_RTOL
+    )
 
 
 # --- Table 1 --------------------------------------------------------------------------
@@ -322,7 +362,8 @@ def test_implied_weighting_with_explicit_weight():
     np.testing.assert_allclose(
         jax.vmap(with_weight.log_weight)(logsnr),
         jax.vmap(without.log_weight)(logsnr) + jax.vmap(explicit.log_weight)(logsnr),
-        rtol=1e-14,
+        rtol=0,
+        atol=LOG_SUM_ATOL,
     )
 
 
@@ -345,13 +386,13 @@ def test_shifted_cosine_v_mse_is_not_exp_half(resolution):
     )
     difference = log_implied - log_closed
     assert np.ptp(difference) < TABLE_1_LOG_SPREAD
-    # The truncation to [-40, 40] keeps all but ~e^(-20 + |s|/2) of the mass, so the
-    # constant itself is zero to that precision.
-    assert np.max(np.abs(difference)) < TABLE_1_LOG_SPREAD
+    # The truncation to [-40, 40] keeps all but ~e^(-20 + |s|/2) of the mass at each
+    # end, so the constant itself is zero to twice that.
+    assert np.max(np.abs(difference)) < 2 * math.exp(-20 + abs(shift) / 2)
 
     # Its ratio to e^(-l/2) falls by (d/64)^2 from low to high logsnr.
     log_ratio = log_implied + logsnr / 2
-    assert np.all(np.diff(log_ratio) <= 1e-12)
+    assert np.all(np.diff(log_ratio) <= NON_INCREASING_ATOL)
     span = math.exp(log_ratio[0] - log_ratio[-1])
     assert span == pytest.approx((resolution / 64) ** 2, rel=TABLE_1_LOG_SPREAD)
     # So e^(-l/2) is off by far more than the Table 1 tolerance.
@@ -361,42 +402,99 @@ def test_shifted_cosine_v_mse_is_not_exp_half(resolution):
 # --- float32 --------------------------------------------------------------------------
 
 
+def _float32_inputs(bound):
+    """logsnr on [-bound, bound], x, eps, eps_hat and z, rounded to float32 once."""
+    logsnr = np.linspace(-bound, bound, NUM_GRID)
+    x, eps, eps_hat = (np.asarray(a) for a in _draws(NUM_GRID))
+    z = _latent(x, eps, logsnr)
+    return [
+        np.asarray(a, np.float32).astype(np.float64)
+        for a in (x, eps, eps_hat, z, logsnr)
+    ]
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_float32_finite_on_widest_range(name):
+def test_float32_agrees_with_float64_on_widest_range(name):
     # On [-40, 40], except the EDM schedule's velocity (see VELOCITY_CASES).
     param, bound = _build(name)
-    lo, hi = -bound, bound
+    x, eps, eps_hat, z, logsnr = _float32_inputs(bound)
     values = {}
     for dtype in (jnp.float64, jnp.float32):
-        logsnr = jnp.linspace(lo, hi, NUM_GRID, dtype=dtype)
-        x, eps, eps_hat = (a.astype(dtype) for a in _draws(NUM_GRID))
-        values[dtype] = _evaluate(param, x, eps, eps_hat, logsnr)
+        inputs = (jnp.asarray(a, dtype) for a in (x, eps, eps_hat, z, logsnr))
+        values[dtype] = _evaluate(param, *inputs)
         for key, value in values[dtype].items():
             assert value.dtype == dtype, (key, value.dtype)
             assert bool(jnp.all(jnp.isfinite(value))), (key, dtype)
-    # The round trip keeps float32 precision where neither alpha nor sigma is tiny.
-    middle = np.abs(np.linspace(lo, hi, NUM_GRID)) <= 5
-    _, eps, _ = _draws(NUM_GRID)
-    np.testing.assert_allclose(
-        values[jnp.float32]["roundtrip"][middle],
-        eps[middle],
-        rtol=0,
-        atol=100 * FLOAT32_RTOL,
+    reference = {k: np.asarray(v) for k, v in values[jnp.float64].items()}
+    single = {k: np.asarray(v, np.float64) for k, v in values[jnp.float32].items()}
+
+    # Condition factors (see FLOAT32_ULPS), from the float64 values.
+    size = 1 + np.abs(logsnr) + np.abs(reference["log_mse_factor"])
+    a_z, b_eps, c_out, e_z = (
+        np.abs(reference[k])
+        for k in ("from_eps_z", "from_eps_eps", "to_eps_output", "to_eps_z")
     )
+    output_terms = a_z * np.abs(z) + b_eps * np.abs(eps)
+    alpha, sigma = _alpha_sigma(logsnr[:, None])
+    scales = dict(
+        output=output_terms,
+        output_hat=a_z * np.abs(z) + b_eps * np.abs(eps_hat),
+        target=a_z * (np.abs(alpha * x) + np.abs(sigma * eps)) + b_eps * np.abs(eps),
+        mse_factor=reference["mse_factor"],
+        log_mse_factor=np.ones_like(size),
+    )
+    errors = {}
+    for key, scale in scales.items():
+        scale = scale * (size if scale.ndim == 1 else size[:, None])
+        error = np.abs(single[key] - reference[key]) / scale
+        errors[key] = float(np.max(error)) / FLOAT32_EPS
+    # The round trip recovers eps to the conditioning of undoing the output.
+    roundtrip_scale = (c_out * output_terms + e_z * np.abs(z)) * size[:, None]
+    error = np.abs(single["roundtrip"] - eps) / roundtrip_scale
+    errors["roundtrip"] = float(np.max(error)) / FLOAT32_EPS
+    assert max(errors.values()) <= FLOAT32_ULPS, errors
 
 
-def test_float32_implied_weightings_finite():
-    logsnr = jnp.linspace(-40.0, 40.0, NUM_GRID, dtype=jnp.float32)
+def test_float32_implied_weightings_agree_with_float64():
+    # Table 1 on [-40, 40], recipes and closed forms, and EDM's preconditioning.
+    # Log-weights are sums of log-space terms of size <= 1 + |logsnr| + |log w|.
+    logsnr = np.linspace(-40.0, 40.0, NUM_GRID)
     rows = parameterization.table_1(-40.0, 40.0)
-    for row, log_weights in zip(rows, _table_1_log_weights(rows, logsnr), strict=True):
-        for log_w in log_weights:
-            assert log_w.dtype == jnp.float32, row.objective
-            assert bool(jnp.all(jnp.isfinite(log_w))), row.objective
     param = parameterization.EDMF()
-    for coefficient in (param.c_skip, param.c_out, param.c_in, param.c_noise):
-        value = jax.vmap(coefficient)(logsnr)
-        assert value.dtype == jnp.float32
-        assert bool(jnp.all(jnp.isfinite(value)))
+    log_weights, coefficients = {}, {}
+    for dtype in (jnp.float64, jnp.float32):
+        grid = jnp.asarray(logsnr, dtype)
+        log_weights[dtype] = _table_1_log_weights(rows, grid)
+        coefficients[dtype] = [
+            jax.vmap(c)(grid)
+            for c in (param.c_skip, param.c_out, param.c_in, param.c_noise)
+        ]
+    errors = {}
+    pairs = zip(log_weights[jnp.float32], log_weights[jnp.float64], strict=True)
+    for row, (single, double) in zip(rows, pairs, strict=True):
+        for label, value, reference in zip(
+            ("implied", "closed form"), single, double, strict=True
+        ):
+            assert value.dtype == jnp.float32, row.objective
+            assert bool(jnp.all(jnp.isfinite(value))), row.objective
+            reference = np.asarray(reference)
+            size = 1 + np.abs(logsnr) + np.abs(reference)
+            error = np.abs(np.asarray(value, np.float64) - reference) / size
+            errors[row.objective, label] = float(np.max(error)) / FLOAT32_EPS
+    # c_skip, c_out, c_in are exps of log terms of size <= 1 + |logsnr|; c_noise is
+    # -logsnr / 8, exact.
+    names = ("c_skip", "c_out", "c_in", "c_noise")
+    for name, value, reference in zip(
+        names, coefficients[jnp.float32], coefficients[jnp.float64], strict=True
+    ):
+        assert value.dtype == jnp.float32, name
+        reference = np.asarray(reference)
+        scale = 1 + np.abs(logsnr)
+        if name != "c_noise":
+            scale = scale * np.abs(reference)
+        error = np.abs(np.asarray(value, np.float64) - reference) / scale
+        errors[name] = float(np.max(error)) / FLOAT32_EPS
+    assert max(errors.values()) <= FLOAT32_ULPS, errors
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -437,3 +535,44 @@ def test_velocity_rejects_unknown_path():
 def test_edm_f_rejects_non_positive_sigma_data(sigma_data):
     with pytest.raises(ValueError, match=f"sigma_data={sigma_data}"):
         parameterization.EDMF(sigma_data=sigma_data)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: parameterization.P2LossWeight(k=0.0), "k=0.0"),
+        (lambda: parameterization.P2LossWeight(k=-1.0), "k=-1.0"),
+        (lambda: parameterization.P2LossWeight(gamma=np.nan), "gamma=nan"),
+        (lambda: parameterization.MinSNRLossWeight(gamma=0.0), "gamma=0.0"),
+        (lambda: parameterization.MinSNRLossWeight(gamma=np.nan), "gamma=nan"),
+        (lambda: parameterization.EDMF(sigma_data=np.inf), "sigma_data=inf"),
+    ],
+)
+def test_bad_loss_weight_constants_are_named(build, message):
+    # Not a "math domain error" from inside log_weight: the constructor names it.
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_overrides_are_type_checked(name):
+    # Runtime type checking (pyproject's addopts) reaches every override: an output
+    # whose shape differs from z's, or a logsnr that is not a scalar, raises
+    # jaxtyping's TypeCheckError before any arithmetic.
+    param, _ = _build(name)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        param.to_eps(jnp.ones(3), jnp.ones(4), 0.0)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        param.from_eps(jnp.ones(3), jnp.ones(4), 0.0)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        param.log_mse_factor(jnp.zeros(2))
+
+
+def test_loss_weights_are_type_checked():
+    for explicit in (
+        parameterization.P2LossWeight(),
+        parameterization.MinSNRLossWeight(),
+        parameterization.V().implied_weighting(schedules.Cosine()),
+    ):
+        with pytest.raises(jaxtyping.TypeCheckError):
+            explicit.log_weight(jnp.zeros(2))

@@ -7,16 +7,31 @@ equation of the mixture's exact marginal, and the log-SNR-time drift through its
 definition as the time-`t` drift over `dlogsnr/dt`.
 """
 
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
-from elbo_core import analytic, process, schedules
+from elbo_core import (
+    analytic,
+    parameterization,
+    process,
+    schedules,
+    weighting,
+)
 
 # Scales: log_sigmoid and exp in float64 are accurate to a few ulps.
 SCALE_RTOL = 1e-14
+# `log alpha^2 - log sigma^2` near logsnr = 0 is a difference of two values of size
+# log 2, each to half an ulp (1.1e-16): a few 1e-16 absolute where rtol means nothing.
+LOG_RATIO_ATOL = 1e-15
+# `sigma(40) = exp(1/2 log_sigmoid(-40))`: one log_sigmoid and one exp in float64,
+# each to an ulp, so the tiny scale keeps full relative precision (not flushed).
+TAIL_SCALE_RTOL = 1e-15
 # SDE identities compare sums of a few float64 products of autodiff derivatives;
 # relative to the size of their terms they hold to rounding.
 SDE_RTOL = 1e-11
@@ -47,13 +62,14 @@ def test_scales():
     log_ratio = jax.vmap(process.log_alpha2)(logsnr) - jax.vmap(process.log_sigma2)(
         logsnr
     )
-    np.testing.assert_allclose(log_ratio, logsnr, rtol=SCALE_RTOL, atol=1e-14)
+    np.testing.assert_allclose(log_ratio, logsnr, rtol=SCALE_RTOL, atol=LOG_RATIO_ATOL)
     np.testing.assert_allclose(
         jnp.exp(jax.vmap(process.log_alpha2)(logsnr)), alpha**2, rtol=SCALE_RTOL
     )
     # The tiny scale at each end is accurate, not flushed: sigma(40) = e^-20 ...
-    assert float(process.sigma(40.0)) == pytest.approx(np.exp(-20.0), rel=1e-8)
-    assert float(process.alpha(-40.0)) == pytest.approx(np.exp(-20.0), rel=1e-8)
+    tail = np.exp(-20.0)
+    assert float(process.sigma(40.0)) == pytest.approx(tail, rel=TAIL_SCALE_RTOL)
+    assert float(process.alpha(-40.0)) == pytest.approx(tail, rel=TAIL_SCALE_RTOL)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -256,6 +272,14 @@ FLOAT32_SCHEDULES = {
     "shifted_cosine_512": lambda **k: schedules.ShiftedCosine(resolution=512, **k),
     "fm_ot": schedules.FlowMatchingOT,
 }
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23
+# float32 against float64 on the same (float32-representable) inputs. Every output
+# is a sum of at most two products of a few factors (alpha, sigma from log_sigmoid
+# and exp, dlogsnr/dt, the inputs), each factor correct to a few float32 ulps: the
+# error is a few ulps of the magnitude of the terms (the condition factor), which
+# is what the error is divided by, so that cancellation between the terms costs
+# nothing. Measured: at most 5.1 ulps (forward drift, fm_ot).
+FLOAT32_ULPS = 16
 
 
 @eqx.filter_jit
@@ -272,6 +296,7 @@ def _all_outputs(schedule, t, x, eps, eps_hat):
         )
     )(eps_hat, z, t)
     return dict(
+        logsnr=logsnr,
         log_alpha2=jax.vmap(process.log_alpha2)(logsnr),
         log_sigma2=jax.vmap(process.log_sigma2)(logsnr),
         alpha=jax.vmap(process.alpha)(logsnr),
@@ -288,18 +313,106 @@ def _all_outputs(schedule, t, x, eps, eps_hat):
     )
 
 
+def _float32_inputs(num, seed):
+    """A t grid and draws of x, eps, eps_hat, rounded to float32 once: the same
+    inputs for both precisions, so only the arithmetic differs."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, num)
+    x, eps, eps_hat = rng.normal(size=(3, num, 3))
+    return [np.asarray(a, np.float32).astype(np.float64) for a in (t, x, eps, eps_hat)]
+
+
+def _term_scales(values, x, eps, eps_hat):
+    """Magnitude of the terms of each output, from the float64 values."""
+    alpha, sigma = values["alpha"][:, None], values["sigma"][:, None]
+    slope = values["dlogsnr_dt"][:, None]
+    f = 0.5 * sigma**2 * slope  # forward drift coefficient
+    z_terms = np.abs(alpha * x) + np.abs(sigma * eps)
+    eps_term = np.abs(sigma * slope * eps_hat)
+    log_terms = np.maximum(1, np.abs(values["logsnr"]))
+    return dict(
+        logsnr=log_terms,
+        log_alpha2=log_terms,
+        log_sigma2=log_terms,
+        alpha=values["alpha"],
+        sigma=values["sigma"],
+        z=z_terms,
+        dlogsnr_dt=np.abs(values["dlogsnr_dt"]),
+        forward_diffusion=values["forward_diffusion"],
+        forward_drift=np.abs(f) * z_terms,
+        probability_flow_drift=np.abs(f) * z_terms + 0.5 * eps_term,
+        reverse_sde_drift=np.abs(f) * z_terms + eps_term,
+        probability_flow_drift_logsnr=0.5
+        * (sigma**2 * z_terms + sigma * np.abs(eps_hat)),
+    )
+
+
 @pytest.mark.parametrize("name", sorted(FLOAT32_SCHEDULES))
-def test_float32_finite_on_widest_range(name):
+def test_float32_agrees_with_float64_on_widest_range(name):
     schedule = FLOAT32_SCHEDULES[name](logsnr_min=-40.0, logsnr_max=40.0)
-    rng = np.random.default_rng(41)
-    num = 101
+    t, x, eps, eps_hat = _float32_inputs(101, seed=41)
     values = {}
     for dtype in (jnp.float64, jnp.float32):
-        t = jnp.linspace(0.0, 1.0, num, dtype=dtype)
-        x, eps, eps_hat = jnp.asarray(rng.normal(size=(3, num, 3)), dtype)
-        values[dtype] = _all_outputs(schedule, t, x, eps, eps_hat)
+        inputs = (jnp.asarray(a, dtype) for a in (t, x, eps, eps_hat))
+        values[dtype] = _all_outputs(schedule, *inputs)
         for key, value in values[dtype].items():
             assert value.dtype == dtype, (key, value.dtype)
-    for key, value in values[jnp.float64].items():
-        assert bool(jnp.all(jnp.isfinite(value))), key
-        assert bool(jnp.all(jnp.isfinite(values[jnp.float32][key]))), key
+            assert bool(jnp.all(jnp.isfinite(value))), (key, dtype)
+    reference = {k: np.asarray(v) for k, v in values[jnp.float64].items()}
+    # The grid reaches both ends of the range, where the scales are e^-20.
+    assert reference["logsnr"].min() == -40.0 and reference["logsnr"].max() == 40.0
+    scales = _term_scales(reference, x, eps, eps_hat)
+    assert set(scales) == set(reference)
+    for key, scale in scales.items():
+        error = np.abs(
+            np.asarray(values[jnp.float32][key], np.float64) - reference[key]
+        )
+        ulps = float(np.max(error / np.abs(scale))) / FLOAT32_EPS
+        assert ulps <= FLOAT32_ULPS, (key, ulps)
+
+
+# --- the guards of the whole layer ------------------------------------------------
+
+
+def test_runtime_type_checking_is_on():
+    # pyproject's addopts switch jaxtyping's checks on for elbo_core: a shape that
+    # contradicts an annotation raises jaxtyping's TypeCheckError, not a ValueError
+    # from inside the function (or nothing at all).
+    with pytest.raises(jaxtyping.TypeCheckError):
+        process.alpha(jnp.ones(3))
+    with pytest.raises(jaxtyping.TypeCheckError):
+        process.probability_flow_drift_logsnr(jnp.ones(3), jnp.ones(4), 0.0)
+
+
+LAYER_1_MODULES = [analytic, parameterization, process, schedules, weighting]
+
+
+def _public_callables(module):
+    """Public functions and classes defined in `module`, and their public methods
+    and properties (dunder methods other than `__call__` excluded)."""
+    for name, value in vars(module).items():
+        if (
+            name.startswith("_")
+            or getattr(value, "__module__", None) != module.__name__
+        ):
+            continue
+        if inspect.isfunction(value):
+            yield name, value
+        elif inspect.isclass(value):
+            yield name, value
+            for attribute, member in vars(value).items():
+                public = not attribute.startswith("_") or attribute == "__call__"
+                if public and (
+                    inspect.isfunction(member) or isinstance(member, property)
+                ):
+                    yield f"{name}.{attribute}", getattr(value, attribute)
+
+
+@pytest.mark.parametrize("module", LAYER_1_MODULES, ids=lambda m: m.__name__)
+def test_public_api_is_documented(module):
+    # Every public function, class, method and property of layer 1 has a docstring
+    # (its own or, for an override, the one of the method it implements).
+    undocumented = [
+        name for name, value in _public_callables(module) if not inspect.getdoc(value)
+    ]
+    assert not undocumented, undocumented

@@ -42,6 +42,18 @@ END_POINT_ATOL = 1e-12
 # KS significance: a correct sampler fails with this probability over keys (the key
 # is fixed, so the outcome is deterministic).
 KS_ALPHA = 1e-3
+# Outside the range `t` saturates: exactly 0 or 1 for the closed forms; for
+# PiecewiseConstant a cumulative sum of bin masses, a few ulps of 1 (2.2e-16) off
+# (measured 1.5e-16). The same bound holds for its `t` at and between bin edges.
+SATURATION_ATOL = 1e-15
+# `shift = 2 log(base / resolution)`, |shift| <= 5.6: an ulp or two (8.9e-16 each).
+SHIFT_ATOL = 1e-15
+# PiecewiseConstant's edges, masses and densities are one linspace step or one
+# division of float64 numbers: an ulp or two relative (measured 3.3e-16).
+PIECEWISE_RTOL = 1e-15
+# Its `logsnr(t)` at a bin edge: the rounding of the cumulative mass in `t`
+# (~1.5e-16) times `dlogsnr/dt = bin_width / mass` (<= 4.4 / 0.048 ~ 92 here).
+PIECEWISE_LOGSNR_ATOL = 2e-14
 NUM_SAMPLES = 2000
 NUM_GRID = NUM_PANELS * NUM_NODES
 
@@ -198,8 +210,9 @@ def test_density_zero_outside_range(case):
     assert np.all(values["density"] == 0)
     assert np.all(values["log_density"] == -np.inf)
     # The inverse saturates, flat: t = 1 below the range, 0 above it.
-    np.testing.assert_allclose(values["t_of_logsnr"][: len(below)], 1, atol=1e-15)
-    np.testing.assert_allclose(values["t_of_logsnr"][len(below) :], 0, atol=1e-15)
+    saturated = values["t_of_logsnr"]
+    np.testing.assert_allclose(saturated[: len(below)], 1, atol=SATURATION_ATOL)
+    np.testing.assert_allclose(saturated[len(below) :], 0, atol=SATURATION_ATOL)
     assert np.all(values["dt_dlogsnr"] == 0)
 
 
@@ -333,33 +346,72 @@ def test_untruncated_closed_forms_up_to_a_constant(case):
 def test_shifted_cosine_shift(resolution):
     # The maps themselves are checked against the shifted closed forms above.
     shifted = schedules.ShiftedCosine(resolution=resolution)
-    assert shifted.shift == pytest.approx(2 * math.log(64 / resolution), abs=1e-15)
+    expected = 2 * math.log(64 / resolution)
+    assert shifted.shift == pytest.approx(expected, abs=SHIFT_ATOL)
     rebased = schedules.ShiftedCosine(resolution=resolution, base_resolution=32)
-    assert rebased.shift == pytest.approx(2 * math.log(32 / resolution), abs=1e-15)
+    expected = 2 * math.log(32 / resolution)
+    assert rebased.shift == pytest.approx(expected, abs=SHIFT_ATOL)
 
 
 # --- float32 ------------------------------------------------------------------------
 
 
-# One of each implementation (the shifted cosine is the cosine's code, the linear
-# schedule a single affine map): a float32 compilation each is the slow part.
+# One of each implementation (the shifted cosine is the cosine's code with other
+# angles); a float32 and a float64 compilation each.
 FLOAT32_CASES = {
     "cosine": schedules.Cosine,
+    "shifted_cosine_512": lambda **k: schedules.ShiftedCosine(resolution=512, **k),
     "edm": schedules.EDM,
     "fm_ot": schedules.FlowMatchingOT,
+    "linear": schedules.Linear,
     "piecewise_constant": lambda **k: schedules.PiecewiseConstant(
         jnp.array([0.5, 1.0, 3.0, 2.0], dtype=jnp.float32), **k
     ),
 }
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal, 1.2e-38
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Largest `-dlogsnr/dt = 1 / p` that float32 holds; beyond it (EDM's far tails,
 # p ~ 1e-69) the true slope is not representable and is allowed to be infinite.
 FLOAT32_DENSITY_FLOOR = 1e-37
-# Eager and compiled float32 evaluations differ by a few ulps (2^-23 ~ 1.2e-7).
-FLOAT32_RTOL = 1e-5
+# float32 against float64 on the same float32 inputs, in ulps (2^-23) of a
+# condition factor. Log-space values (`logsnr(t)`, `log p`) are sums of a few terms
+# no larger than `max(1, |value|)`, each to an ulp; `t` lies in [0, 1], where float32
+# holds it to an ulp absolute; `p = exp(log p)` and the slopes `+-1/p` turn the
+# absolute error of `log p`, ~eps max(1, |log p|), into a relative one. Each is a
+# few roundings of such terms. Measured: at most 6.9 ulps (EDM's `logsnr(t)`).
+FLOAT32_ULPS = 16
+
+
+def _float32_errors(first64, first32, absolute_t):
+    """float32 errors of the first pass over their condition factors, in ulps."""
+    errors = {}
+    for key, reference in first64.items():
+        value = np.asarray(first32[key], np.float64)
+        error = np.abs(value - reference)
+        if key == "log_density":
+            scale = np.maximum(1, np.abs(reference))
+        elif key == "logsnr_of_t":
+            scale = np.maximum(1, np.abs(reference))
+            if absolute_t:
+                scale = scale + np.abs(first64["dlogsnr_dt"])
+        elif key == "t_of_logsnr":
+            scale = np.ones_like(reference)
+        else:  # density and the slopes: exp of a log-space value
+            magnitude = np.abs(reference)
+            representable = (magnitude > FLOAT32_TINY) & (magnitude < FLOAT32_MAX)
+            # Beyond float32's range the value underflows to (sub)normal zero or
+            # overflows to infinity; `log p` is compared above on the same levels.
+            if key in ("density", "dt_dlogsnr"):
+                assert np.all(np.abs(value[~representable]) <= FLOAT32_TINY), key
+            error, magnitude = error[representable], magnitude[representable]
+            scale = magnitude * np.maximum(1, np.abs(np.log(magnitude)))
+        errors[key] = float(np.max(error / scale)) / FLOAT32_EPS
+    return errors
 
 
 @pytest.mark.parametrize("name", sorted(FLOAT32_CASES))
-def test_float32_finite_on_widest_range(name):
+def test_float32_agrees_with_float64_on_widest_range(name):
     schedule = FLOAT32_CASES[name](logsnr_min=-40.0, logsnr_max=40.0)
     t = jnp.linspace(0, 1, 401, dtype=jnp.float32)
     logsnr = _logsnr_grid(schedule, 401, jnp.float32)
@@ -379,10 +431,48 @@ def test_float32_finite_on_widest_range(name):
             assert bool(jnp.all(jnp.isfinite(value))), key
     assert bool(jnp.all((first["logsnr_of_t"] >= -40) & (first["logsnr_of_t"] <= 40)))
     assert bool(jnp.all((first["t_of_logsnr"] >= 0) & (first["t_of_logsnr"] <= 1)))
+
+    # The same inputs and parameters in float64 (PiecewiseConstant's float32 bin
+    # weights are cast exactly).
+    schedule64 = jax.tree.map(
+        lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, schedule
+    )
+    first64 = _evaluate(
+        schedule64, jnp.asarray(t, jnp.float64), jnp.asarray(logsnr, jnp.float64)
+    )
+    first64 = {k: np.asarray(v) for k, v in first64.items()}
+    # NOTE: PiecewiseConstant subtracts cumulative bin masses near 1 from `t`, so its
+    # `logsnr(t)` carries float32's absolute resolution of `t` (an ulp of 1) times
+    # the slope `dlogsnr/dt = bin_width / mass` (up to ~260 here); the closed forms
+    # are evaluated from the nearer end of [0, 1] and keep `t`'s relative precision.
+    absolute_t = isinstance(schedule, schedules.PiecewiseConstant)
+    errors = _float32_errors(first64, first, absolute_t)
+    assert max(errors.values()) <= FLOAT32_ULPS, errors
+
     # logsnr_from_uniform is the vectorised map.
     from_uniform = schedule.logsnr_from_uniform(t)
     assert from_uniform.dtype == jnp.float32
-    np.testing.assert_allclose(from_uniform, first["logsnr_of_t"], rtol=FLOAT32_RTOL)
+    error = np.abs(np.asarray(from_uniform, np.float64) - first64["logsnr_of_t"])
+    scale = np.maximum(1, np.abs(first64["logsnr_of_t"]))
+    if absolute_t:
+        scale = scale + np.abs(first64["dlogsnr_dt"])
+    assert np.max(error / scale) <= FLOAT32_ULPS * FLOAT32_EPS
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULE_CASES))
+def test_logsnr_clips_t_outside_unit_interval(name):
+    # Every schedule saturates at its end points, flat, outside [0, 1].
+    schedule = SCHEDULE_CASES[name]()
+    t = jnp.array([-0.5, -1e-3, 0.0, 1.0, 1.0 + 1e-3, 1.5])
+    logsnr, slope = jax.jit(
+        jax.vmap(lambda t: jax.jvp(schedule.logsnr, (t,), (jnp.ones_like(t),)))
+    )(t)
+    logsnr, slope = np.asarray(logsnr), np.asarray(slope)
+    np.testing.assert_array_equal(logsnr[:2], logsnr[2])
+    np.testing.assert_array_equal(logsnr[-2:], logsnr[3])
+    assert abs(logsnr[2] - schedule.logsnr_max) < END_POINT_ATOL
+    assert abs(logsnr[3] - schedule.logsnr_min) < END_POINT_ATOL
+    np.testing.assert_array_equal(slope[[0, 1, 4, 5]], 0.0)
 
 
 # --- PiecewiseConstant: the adaptive schedule's proposal ----------------------------
@@ -394,9 +484,9 @@ PIECEWISE_WEIGHTS = np.array([1.0, 2.0, 3.0, 0.5, 4.0])
 def test_piecewise_constant_density_and_inverse():
     schedule = SCHEDULE_CASES["piecewise_constant"]()
     edges = np.linspace(-10.0, 12.0, 6)
-    np.testing.assert_allclose(schedule.bin_edges(), edges, rtol=1e-15)
+    np.testing.assert_allclose(schedule.bin_edges(), edges, rtol=PIECEWISE_RTOL)
     probs = PIECEWISE_WEIGHTS / PIECEWISE_WEIGHTS.sum()
-    np.testing.assert_allclose(schedule.probabilities(), probs, rtol=1e-15)
+    np.testing.assert_allclose(schedule.probabilities(), probs, rtol=PIECEWISE_RTOL)
 
     # t at each edge is the mass above it; logsnr(t) inverts that. Padded to the
     # fixture's shapes, so nothing is compiled again.
@@ -406,15 +496,22 @@ def test_piecewise_constant_density_and_inverse():
     logsnr = np.pad(np.concatenate([edges, mids]), (0, NUM_GRID - 11))
     keys = jax.random.split(jax.random.key(1234), NUM_SAMPLES)
     values = _evaluate(schedule, jnp.asarray(t), jnp.asarray(logsnr), keys)
-    np.testing.assert_allclose(values["logsnr_of_t"][:6], edges, atol=1e-13)
-    np.testing.assert_allclose(values["t_of_logsnr"][:6], mass_above, atol=1e-15)
+    np.testing.assert_allclose(
+        values["logsnr_of_t"][:6], edges, rtol=0, atol=PIECEWISE_LOGSNR_ATOL
+    )
+    np.testing.assert_allclose(
+        values["t_of_logsnr"][:6], mass_above, rtol=0, atol=SATURATION_ATOL
+    )
     # Inside a bin: density is its mass over the bin width, t is linear.
     width = edges[1] - edges[0]
-    np.testing.assert_allclose(values["density"][6:11], probs / width, rtol=1e-14)
+    np.testing.assert_allclose(
+        values["density"][6:11], probs / width, rtol=PIECEWISE_RTOL
+    )
     np.testing.assert_allclose(
         values["t_of_logsnr"][6:11],
         (mass_above[:-1] + mass_above[1:]) / 2,
-        atol=1e-15,
+        rtol=0,
+        atol=SATURATION_ATOL,
     )
 
 
@@ -490,7 +587,7 @@ def test_piecewise_constant_does_not_retrace_when_weights_change():
             3.0**scale / np.sum(PIECEWISE_WEIGHTS**scale) / 6.0
             for scale in (1.0, 2.0, 5.0)
         ]
-        np.testing.assert_allclose(densities, expected, rtol=1e-14)
+        np.testing.assert_allclose(densities, expected, rtol=PIECEWISE_RTOL)
 
 
 # --- errors -------------------------------------------------------------------------
@@ -547,3 +644,18 @@ def test_edm_rejects_non_positive_std():
         schedules.EDM(p_std=0.0)
     with pytest.raises(ValueError, match="p_std=-1.0"):
         schedules.EDM(p_std=-1.0)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: schedules.EDM(p_mean=np.nan), "p_mean=nan"),
+        (lambda: schedules.EDM(p_mean=np.inf), "p_mean=inf"),
+        (lambda: schedules.EDM(p_std=np.nan), "p_std=nan"),
+        (lambda: schedules.ShiftedCosine(resolution=np.nan), "resolution=nan"),
+        (lambda: schedules.ShiftedCosine(resolution=np.inf), "resolution=inf"),
+    ],
+)
+def test_non_finite_constants_are_named(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
