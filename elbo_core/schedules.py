@@ -116,6 +116,11 @@ class Schedule(eqx.Module):
     logsnr_min: eqx.AbstractVar[float]
     logsnr_max: eqx.AbstractVar[float]
 
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return f"-dt/dλ of {type(self).__name__}"
+
     def __check_init__(self):
         check_logsnr_range(type(self).__name__, self.logsnr_min, self.logsnr_max)
 
@@ -262,6 +267,11 @@ class Cosine(Schedule):
     def _log_density(self, logsnr):
         return _cosine_log_density(logsnr, self.logsnr_min, self.logsnr_max)
 
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return "sech(λ/2) / (2π)"
+
 
 class ShiftedCosine(Schedule):
     """Cosine schedule shifted for resolution `d`: `logsnr = logsnr_cosine(t) + shift`.
@@ -302,6 +312,11 @@ class ShiftedCosine(Schedule):
     def _log_density(self, logsnr):
         lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
         return _cosine_log_density(logsnr - self.shift, lo, hi)
+
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return f"sech((λ - s)/2) / (2π), s = {self.shift:.3f}"
 
 
 # --- EDM ------------------------------------------------------------------------------
@@ -374,6 +389,11 @@ class EDM(Schedule):
         mass = _phi(-a) - _phi(-b) if abs(a) < abs(b) else _phi(b) - _phi(a)
         return -0.5 * u**2 - 0.5 * math.log(2 * math.pi) - math.log(self.std * mass)
 
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return f"N(λ; {self.mean:g}, {self.std:g}²)"
+
 
 # --- flow matching, optimal-transport path -------------------------------------------
 
@@ -415,6 +435,11 @@ class FlowMatchingOT(Schedule):
         log_sig = jax.nn.log_sigmoid(logsnr / 2) + jax.nn.log_sigmoid(-logsnr / 2)
         return log_sig - math.log(2 * width)
 
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return "sech²(λ/4) / 8 (logistic, scale 2)"
+
 
 # --- linear in log-SNR ----------------------------------------------------------------
 
@@ -437,6 +462,11 @@ class Linear(Schedule):
 
     def _log_density(self, logsnr):
         return jnp.full_like(logsnr, -math.log(self.logsnr_max - self.logsnr_min))
+
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return "1 / (λ_max - λ_min)"
 
 
 # --- piecewise constant (the adaptive schedule's proposal) --------------------------
@@ -526,6 +556,11 @@ class PiecewiseConstant(Schedule):
         j = jnp.floor((logsnr - self.logsnr_min) / self.bin_width).astype(int)
         j = jnp.clip(j, 0, self.num_bins - 1)
         return jnp.log(self.probabilities()[j]) - math.log(self.bin_width)
+
+    @property
+    def density_formula(self) -> str:
+        """`p(logsnr)` in words, for tables; untruncated, up to renormalisation."""
+        return f"piecewise constant on {self.num_bins} bins"
 
 
 SCHEDULES: dict[str, type[Schedule]] = {

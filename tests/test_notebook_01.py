@@ -7,8 +7,9 @@ import pytest
 # Log-weights of a recipe and its closed form differ by a constant up to float64
 # rounding of a handful of log/exp evaluations at |logsnr| <= 15.
 LOG_WEIGHT_SPREAD_TOLERANCE = 1e-10
-# Masses integrated by composite 16-node Gauss-Legendre on unit panels, panel edge at
-# every kink: the quadrature error is far below this; the bound allows rounding.
+# Masses integrated by composite 8-node Gauss-Legendre on half-unit panels, a panel
+# edge at every kink: the quadrature error is far below this; the bound allows
+# rounding.
 MASS_TOLERANCE = 1e-9
 # The shifted-cosine ratio reaches its plateaus to within exp(-|logsnr| / 2) ~ 2e-9
 # at the +-40 ends of the wide grid.
@@ -50,7 +51,21 @@ def test_weighting_functions_notebook(run_quick_notebook):
         assert abs(mass - 1) < MASS_TOLERANCE, name
     for name, entry in metrics["augmentation"].items():
         assert abs(entry["total_mass"] - 1) < MASS_TOLERANCE, name
-        assert 0 <= entry["point_mass"] < 1, name
+        assert 0 <= entry["point_mass"] <= 1, name
+    # The ELBO's weighting is flat: all of its augmentation is the point mass at
+    # logsnr_max, i.e. no noise is added.
+    assert metrics["augmentation"]["elbo"]["point_mass"] == pytest.approx(1.0)
+    # Chosen by computed monotonicity: PAPER.md section 3 with the derived rows.
+    assert set(metrics["monotonic_weightings"]) == {
+        "elbo",
+        "v_cosine",
+        "fm_ot",
+        "indi",
+        "edm_monotonic",
+        *(f"sigmoid, b={b}" for b in metrics["sigmoid_biases"]),
+    }
+    densities = {row["training_density"] for row in table.values()}
+    assert {"sech(λ/2) / (2π)", "N(λ; 2.4, 2.4²)"} <= densities
 
     discrepancy = metrics["shifted_cosine_discrepancy"]
     assert set(discrepancy) == {"64", "128", "256", "512"}

@@ -353,6 +353,29 @@ def test_shifted_cosine_shift(resolution):
     assert rebased.shift == pytest.approx(expected, abs=SHIFT_ATOL)
 
 
+def test_every_schedule_names_its_own_density():
+    # Notebook 01 prints this label in its Table 1 column "training density".
+    cases = {
+        "cosine": "cosine",
+        "shifted_cosine": "shifted_cosine_128",
+        "edm": "edm",
+        "fm_ot": "fm_ot_40",
+        "linear": "linear_40",
+        "piecewise_constant": "piecewise_constant",
+    }
+    assert set(cases) == set(schedules.SCHEDULES)
+    labels = {}
+    for name, case in cases.items():
+        schedule = SCHEDULE_CASES[case]()
+        assert type(schedule) is schedules.SCHEDULES[name]
+        assert type(schedule).density_formula is not schedules.Schedule.density_formula
+        labels[name] = schedule.density_formula
+    assert len(set(labels.values())) == len(labels), labels
+    # PAPER.md section 1: EDM's ln sigma_VE ~ N(-1.2, 1.2^2) is N(2.4, 2.4^2) in λ.
+    assert schedules.EDM().density_formula == "N(λ; 2.4, 2.4²)"
+    assert "s = -1.386" in schedules.ShiftedCosine(resolution=128).density_formula
+
+
 # --- float32 ------------------------------------------------------------------------
 
 
