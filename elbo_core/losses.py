@@ -29,16 +29,20 @@ weighting,
     L_w(x) = Int (-dw/dlogsnr) L(logsnr; x) dlogsnr
              + w(max) L(max; x) - w(min) L(min; x),
 
-where the first term is `Int_0^1 (dw/dt) L(t; x) dt` in time and the last is a
-model-independent constant (`L(min; x)` is the prior KL). For a non-increasing `w`,
-`L_w(x) = w(min) E_{logsnr ~ p_w} [L(logsnr; x)] - w(min) L(min; x)`.
+where the first term is `Int_0^1 (dw/dt) L(t; x) dt` in time (`by_parts` computes
+either form) and the last is a model-independent constant (`L(min; x)` is the prior
+KL). For a non-increasing `w`,
+`L_w(x) = w(min) E_{logsnr ~ p_w} [L(logsnr; x)] - w(min) L(min; x)`
+(`implied_constant`, `compare_implied_constants`).
 
-Both Monte Carlo estimators (with their standard errors) and deterministic quadrature
-versions are provided: composite Gauss-Legendre in logsnr, and Gauss-Hermite (or a
-fixed set of draws) for the expectation over `eps`.
+Both Monte Carlo estimators (with standard errors that respect how the draws were
+coupled) and deterministic quadrature versions are provided: composite Gauss-Legendre
+in logsnr or in time, and Gauss-Hermite, composite Gauss-Legendre or a fixed set of
+draws for the expectation over `eps`.
 """
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +57,7 @@ from . import process
 from .schedules import Linear, PiecewiseConstant, Schedule
 from .weighting import (
     ELBO,
+    INVERSE_BISECTION_STEPS,
     MONOTONIC_CHECK_POINTS,
     EDMMonotonic,
     MinSNR,
@@ -64,27 +69,34 @@ __all__ = [
     "DECODERS",
     "SAMPLING_METHODS",
     "ByParts",
+    "ConstantComparison",
     "ELBOTerms",
+    "ImpliedConstant",
     "IntegrandMoments",
     "MonteCarloEstimate",
     "PerturbedDenoiser",
     "augmentation_constant",
     "by_parts",
     "check_proposal",
+    "compare_implied_constants",
     "data_quadrature",
     "denoising_error",
     "draw_uniforms",
     "dweight_dt",
     "dweight_masses",
+    "eps_panel_quadrature",
     "eps_quadrature",
+    "expected_negative_elbo",
     "expected_truncated_loss",
     "gaussian_elbo_terms",
+    "implied_constant",
     "integrand_moments",
     "logsnr_quadrature",
     "negative_elbo",
     "negative_elbo_quadrature",
     "prior_kl",
     "reconstruction",
+    "time_quadrature",
     "truncated_loss",
     "weighted_loss",
     "weighted_loss_batch",
@@ -117,6 +129,19 @@ DWEIGHT_GRID_POINTS = 20001
 NARROW_BIN = 1e-3
 # Outer nodes processed together in nested quadratures (memory, not accuracy).
 OUTER_BATCH = 16
+# Nodes of the nested rule for `L(logsnr; x)` in `by_parts` and `implied_constant`:
+# 25 panels against the outer rule's 32 (256 nodes), so that even the row `w = 1`,
+# where both sides reduce to one integral of the denoising error, compares two
+# different rules rather than a sum with itself.
+NUM_INNER = 200
+# Composite Gauss-Legendre for E over eps covers [-EPS_PANEL_RANGE, EPS_PANEL_RANGE]
+# per coordinate; the normal mass outside is 2 Phi(-12) = 3.6e-33.
+EPS_PANEL_RANGE = 12.0
+# Independent replicates that the standard error of stratified or low-discrepancy
+# draws is estimated from by default (the largest divisor of the number of draws up
+# to this): 31 degrees of freedom keep P(|t| > 4) near 4e-4, and each replicate still
+# spreads num_samples / 32 draws over its own strata.
+COUPLED_REPLICATES = 32
 # Below this alpha^2 the prior KL uses its power series (see `prior_kl`).
 PRIOR_SERIES_THRESHOLD = 0.05
 PRIOR_SERIES_TERMS = 12
@@ -158,16 +183,21 @@ class MonteCarloEstimate(eqx.Module):
     **Fields:**
 
     - `mean`: the estimate (average of the per-sample terms).
-    - `stderr`: its standard error, `sqrt(variance / num_samples)`.
-    - `variance`: the unbiased sample variance of one term (the per-sample variance
-      of the estimator, the quantity a proposal changes).
+    - `stderr`: its standard error, from the spread of independent units:
+      `sqrt(var(units) / num_independent)` where the units are the terms for i.i.d.
+      draws, the means of the pairs `(u, 1 - u)` for antithetic draws, and the means
+      of the independent replicates for stratified and low-discrepancy draws (whose
+      terms within a replicate are coupled, so that their spread says nothing about
+      the error of their mean). NaN when there is a single unit.
+    - `variance`: the sample variance of one term (the per-sample variance of the
+      estimator, the quantity a proposal changes). Every term is marginally a draw
+      from the proposal, so this is unbiased for i.i.d. draws and within
+      `variance / (num_samples - 1)` of unbiased for coupled ones.
     - `variance_stderr`: the standard error of `variance`,
-      `sqrt((m4 - variance^2) / num_samples)` with `m4` the fourth central moment.
+      `sqrt((m4 - variance^2) / num_samples)` with `m4` the fourth central moment
+      (the i.i.d. formula; an approximation for coupled draws).
     - `num_samples`: the number of terms averaged.
-
-    With stratified, low-discrepancy or antithetic draws the terms are not
-    independent; the reported variance is then that of one term and `stderr` is
-    conservative for stratified and low-discrepancy draws.
+    - `num_independent`: the number of independent units behind `stderr`.
     """
 
     mean: Float[Array, "*batch"]
@@ -175,11 +205,35 @@ class MonteCarloEstimate(eqx.Module):
     variance: Float[Array, "*batch"]
     variance_stderr: Float[Array, "*batch"]
     num_samples: int = eqx.field(static=True)
+    num_independent: int = eqx.field(static=True)
 
 
-def _estimate(terms: Float[Array, " n"]) -> MonteCarloEstimate:
+def _independent_units(terms: Array, sampling: str, num_replicates: int) -> Array:
+    """The independent averages behind the standard error (see `MonteCarloEstimate`).
+
+    The layouts are those of `draw_uniforms`: antithetic partners `i` and `i + n/2`,
+    replicates in contiguous blocks.
+    """
+    num_samples = terms.shape[0]
+    if sampling == "antithetic":
+        half = num_samples // 2
+        return 0.5 * (terms[:half] + terms[half:])
+    if sampling == "iid":
+        return terms
+    return jnp.mean(terms.reshape(num_replicates, -1), axis=1)
+
+
+def _estimate(
+    terms: Float[Array, " n"], sampling: str = "iid", num_replicates: int = 1
+) -> MonteCarloEstimate:
     num_samples = terms.shape[0]
     mean = jnp.mean(terms)
+    units = _independent_units(terms, sampling, num_replicates)
+    num_units = units.shape[0]
+    if num_units > 1:
+        stderr = jnp.std(units, ddof=1) / math.sqrt(num_units)
+    else:
+        stderr = jnp.full_like(mean, jnp.nan)
     if num_samples > 1:
         variance = jnp.var(terms, ddof=1)
         fourth = jnp.mean((terms - mean) ** 4)
@@ -187,8 +241,57 @@ def _estimate(terms: Float[Array, " n"]) -> MonteCarloEstimate:
     else:
         variance = variance_stderr = jnp.full_like(mean, jnp.nan)
     return MonteCarloEstimate(
-        mean, jnp.sqrt(variance / num_samples), variance, variance_stderr, num_samples
+        mean, stderr, variance, variance_stderr, num_samples, num_units
     )
+
+
+def _check_sampling(
+    owner: str,
+    sampling: str,
+    num_samples: int,
+    num_replicates: int | None,
+    estimator: bool = True,
+) -> int:
+    """Validate a sampling method for `num_samples` draws; return the replicates.
+
+    `num_replicates=None` means one for i.i.d. and antithetic draws and, for the
+    coupled methods, the largest divisor of `num_samples` up to
+    `COUPLED_REPLICATES`. An `estimator` warns when it can report no standard error.
+    """
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(
+            f"{owner}: sampling={sampling!r} is not one of {list(SAMPLING_METHODS)}."
+        )
+    if sampling == "antithetic" and num_samples % 2:
+        raise ValueError(
+            f"{owner}: antithetic sampling needs an even num_samples; got "
+            f"{num_samples}."
+        )
+    coupled = sampling in ("stratified", "low_discrepancy")
+    if num_replicates is None:
+        if not coupled:
+            return 1
+        limit = min(COUPLED_REPLICATES, num_samples)
+        num_replicates = max(r for r in range(1, limit + 1) if num_samples % r == 0)
+    _check_positive_int(owner, "num_replicates", num_replicates)
+    if num_replicates > 1 and not coupled:
+        raise ValueError(
+            f"{owner}: num_replicates={num_replicates} applies to stratified and "
+            f"low_discrepancy draws only; {sampling!r} draws are independent "
+            "(antithetic ones in pairs) already."
+        )
+    if num_samples % num_replicates:
+        raise ValueError(
+            f"{owner}: num_samples={num_samples} must be a multiple of "
+            f"num_replicates={num_replicates}, one equal block of draws per replicate."
+        )
+    if estimator and coupled and num_replicates == 1:
+        warnings.warn(
+            f"{owner}: {sampling} draws in a single replicate have no standard error "
+            "(it is NaN); pass num_replicates >= 2 to estimate one.",
+            stacklevel=3,
+        )
+    return num_replicates
 
 
 class ELBOTerms(eqx.Module):
@@ -261,6 +364,32 @@ def _panel_counts(lengths: Sequence[float], num_panels: int) -> list[int]:
     return counts
 
 
+def _panel_edges(
+    logsnr_min: float, logsnr_max: float, num_points: int, breakpoints: Sequence[float]
+) -> np.ndarray:
+    """Panel edges of `logsnr_quadrature`: equal panels between the breakpoints."""
+    cuts = sorted({float(b) for b in breakpoints if logsnr_min < float(b) < logsnr_max})
+    edges = [float(logsnr_min), *cuts, float(logsnr_max)]
+    lengths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    num_panels = max(1, round(num_points / GAUSS_LEGENDRE_ORDER))
+    counts = _panel_counts(lengths, num_panels)
+    pieces = [
+        np.linspace(a, b, count + 1)[:-1]
+        for a, b, count in zip(edges[:-1], edges[1:], counts, strict=True)
+    ]
+    return np.concatenate([*pieces, [float(logsnr_max)]])
+
+
+def _panel_rule(edges: np.ndarray) -> tuple[Array, Array]:
+    """Gauss-Legendre with `GAUSS_LEGENDRE_ORDER` nodes on every panel of `edges`."""
+    unit_nodes, unit_weights = np.polynomial.legendre.leggauss(GAUSS_LEGENDRE_ORDER)
+    half = 0.5 * np.diff(edges)[:, None]
+    nodes = edges[:-1, None] + half * (unit_nodes + 1)
+    weights = half * unit_weights
+    dtype = _float_dtype()
+    return jnp.asarray(nodes.ravel(), dtype), jnp.asarray(weights.ravel(), dtype)
+
+
 def logsnr_quadrature(
     logsnr_min: float,
     logsnr_max: float,
@@ -280,26 +409,48 @@ def logsnr_quadrature(
     """
     _check_range("logsnr_quadrature", logsnr_min, logsnr_max)
     _check_positive_int("logsnr_quadrature", "num_points", num_points)
-    cuts = sorted({float(b) for b in breakpoints if logsnr_min < float(b) < logsnr_max})
-    edges = [float(logsnr_min), *cuts, float(logsnr_max)]
-    lengths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    num_panels = max(1, round(num_points / GAUSS_LEGENDRE_ORDER))
-    counts = _panel_counts(lengths, num_panels)
+    return _panel_rule(_panel_edges(logsnr_min, logsnr_max, num_points, breakpoints))
 
-    unit_nodes, unit_weights = np.polynomial.legendre.leggauss(GAUSS_LEGENDRE_ORDER)
-    nodes, weights = [], []
-    for (a, b), count in zip(
-        zip(edges[:-1], edges[1:], strict=True), counts, strict=True
-    ):
-        panel_edges = np.linspace(a, b, count + 1)
-        for lo, hi in zip(panel_edges[:-1], panel_edges[1:], strict=True):
-            half = 0.5 * (hi - lo)
-            nodes.append(lo + half * (unit_nodes + 1))
-            weights.append(half * unit_weights)
-    dtype = _float_dtype()
-    return jnp.asarray(np.concatenate(nodes), dtype), jnp.asarray(
-        np.concatenate(weights), dtype
+
+def time_quadrature(
+    schedule: Schedule, *, num_points: int = 256, breakpoints: Sequence[float] = ()
+) -> tuple[Float[Array, " num_nodes"], Float[Array, " num_nodes"]]:
+    """Composite Gauss-Legendre nodes and weights in time `t` on `[0, 1]`.
+
+    `Int_0^1 f(t) dt ~ sum_i weights_i f(t_i)`, for integrands along `schedule`
+    such as `(dw/dt) L(t; x)`. A schedule packs wide stretches of logsnr into short
+    stretches of `t` (the cosine schedule's tails into layers of width ~1e-3 at
+    both ends), so equal panels in `t` resolve them poorly: the panel edges are
+    placed at the times `schedule.t_of_logsnr` of the edges of `logsnr_quadrature`
+    (equal panels in logsnr, cut at `breakpoints`). The nodes inside each panel are
+    Gauss-Legendre in `t`, not the images of those in logsnr, so the rule differs
+    from the logsnr rule except for the linear schedule.
+
+    **Returns:** `(t, weights)`, increasing in `t`.
+    """
+    if not isinstance(schedule, Schedule):
+        raise ValueError(
+            f"time_quadrature: schedule must be a Schedule; got "
+            f"{type(schedule).__name__}."
+        )
+    _check_positive_int("time_quadrature", "num_points", num_points)
+    logsnr_edges = _panel_edges(
+        schedule.logsnr_min, schedule.logsnr_max, num_points, breakpoints
     )
+    times = np.asarray(_times_of(schedule, jnp.asarray(logsnr_edges)), dtype=float)
+    # logsnr increases along the edges, so t decreases; the ends are exact.
+    edges = np.concatenate([[0.0], times[::-1][1:-1], [1.0]])
+    if not np.all(np.diff(edges) > 0):
+        raise ValueError(
+            f"time_quadrature: {type(schedule).__name__} maps the panel edges to "
+            "times that are not strictly increasing; use fewer points."
+        )
+    return _panel_rule(edges)
+
+
+@eqx.filter_jit
+def _times_of(schedule, logsnr):
+    return jax.vmap(schedule.t_of_logsnr)(logsnr)
 
 
 def _unit_quadrature(num_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +462,27 @@ def _unit_quadrature(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     nodes = (lo + half * (unit_nodes + 1)).ravel()
     weights = np.broadcast_to(half * unit_weights, (num_panels, unit_weights.size))
     return nodes, weights.ravel()
+
+
+def _product_rule(
+    owner: str, shape: tuple[int, ...], unit_nodes: np.ndarray, unit_prob: np.ndarray
+) -> tuple[Array, Array]:
+    """The product of a 1-D rule for `N(0, 1)` over every coordinate of `shape`."""
+    num_dims = math.prod(shape)
+    num_points = unit_nodes.size**num_dims
+    if num_points > MAX_HERMITE_POINTS:
+        raise ValueError(
+            f"{owner}: a product rule of {unit_nodes.size} nodes in {num_dims} "
+            f"dimensions has {num_points} points, more than "
+            f"MAX_HERMITE_POINTS={MAX_HERMITE_POINTS}; pass a fixed array of eps draws "
+            "of shape (num_eps, *x.shape) instead."
+        )
+    grids = np.meshgrid(*([unit_nodes] * num_dims), indexing="ij")
+    probs = np.meshgrid(*([unit_prob] * num_dims), indexing="ij")
+    eps = np.stack([g.ravel() for g in grids], axis=-1).reshape(num_points, *shape)
+    prob = np.prod(np.stack([p.ravel() for p in probs], axis=-1), axis=-1)
+    dtype = _float_dtype()
+    return jnp.asarray(eps, dtype), jnp.asarray(prob, dtype)
 
 
 def eps_quadrature(
@@ -327,28 +499,51 @@ def eps_quadrature(
     probabilities summing to one.
     """
     _check_positive_int("eps_quadrature", "num_hermite", num_hermite)
-    num_dims = math.prod(shape)
-    num_points = num_hermite**num_dims
-    if num_points > MAX_HERMITE_POINTS:
-        raise ValueError(
-            f"eps_quadrature: a product Gauss-Hermite grid of {num_hermite} nodes in "
-            f"{num_dims} dimensions has {num_points} points, more than "
-            f"MAX_HERMITE_POINTS={MAX_HERMITE_POINTS}; pass a fixed array of eps draws "
-            "of shape (num_eps, *x.shape) instead."
-        )
     unit_nodes, unit_weights = np.polynomial.hermite_e.hermegauss(num_hermite)
     unit_prob = unit_weights / math.sqrt(2 * math.pi)
-    grids = np.meshgrid(*([unit_nodes] * num_dims), indexing="ij")
-    probs = np.meshgrid(*([unit_prob] * num_dims), indexing="ij")
-    eps = np.stack([g.ravel() for g in grids], axis=-1).reshape(num_points, *shape)
-    prob = np.prod(np.stack([p.ravel() for p in probs], axis=-1), axis=-1)
-    dtype = _float_dtype()
-    return jnp.asarray(eps, dtype), jnp.asarray(prob, dtype)
+    return _product_rule("eps_quadrature", shape, unit_nodes, unit_prob)
 
 
-def _resolve_eps(shape: tuple[int, ...], eps, num_hermite: int) -> tuple[Array, Array]:
-    """Gauss-Hermite nodes when `eps` is None, else equal weights on the draws."""
+def eps_panel_quadrature(
+    shape: tuple[int, ...], *, num_panels: int = 48
+) -> tuple[Float[Array, " num_eps *shape"], Float[Array, " num_eps"]]:
+    """Composite Gauss-Legendre rule for expectations over `eps ~ N(0, I)`.
+
+    Per coordinate, `num_panels` equal panels of `GAUSS_LEGENDRE_ORDER` nodes on
+    `[-EPS_PANEL_RANGE, EPS_PANEL_RANGE]`, with the normal density folded into the
+    weights. Gauss-Hermite converges fast for smooth integrands but stalls (near
+    1e-7 relative for the ELBO of data on a few levels) when the integrand switches
+    sharply in `eps`, as the posterior over well-separated discrete values does at
+    high logsnr; local panels resolve the switch. Pass the result as
+    `eps=..., eps_prob=...`.
+
+    **Returns:** `(eps, prob)` with `(GAUSS_LEGENDRE_ORDER num_panels)^D` points;
+    `prob` sums to one up to the mass beyond the range.
+    """
+    _check_positive_int("eps_panel_quadrature", "num_panels", num_panels)
+    unit_nodes, unit_weights = np.polynomial.legendre.leggauss(GAUSS_LEGENDRE_ORDER)
+    edges = np.linspace(-EPS_PANEL_RANGE, EPS_PANEL_RANGE, num_panels + 1)
+    half = 0.5 * np.diff(edges)[:, None]
+    nodes = (edges[:-1, None] + half * (unit_nodes + 1)).ravel()
+    weights = (half * unit_weights).ravel()
+    prob = weights * np.exp(-0.5 * nodes**2) / math.sqrt(2 * math.pi)
+    return _product_rule("eps_panel_quadrature", shape, nodes, prob)
+
+
+def _resolve_eps(
+    shape: tuple[int, ...], eps, num_hermite: int, eps_prob=None
+) -> tuple[Array, Array]:
+    """The rule over `eps`: Gauss-Hermite when `eps` is None, else the given nodes.
+
+    Given nodes carry `eps_prob` (a rule such as `eps_panel_quadrature`) or, by
+    default, equal weights (draws).
+    """
     if eps is None:
+        if eps_prob is not None:
+            raise ValueError(
+                "eps_prob was given without eps: pass both (the nodes and their "
+                "probabilities) or neither (Gauss-Hermite)."
+            )
         return eps_quadrature(shape, num_hermite=num_hermite)
     eps = _as_float(eps)
     if eps.ndim < 1 or eps.shape[1:] != tuple(shape) or eps.shape[0] < 1:
@@ -356,7 +551,15 @@ def _resolve_eps(shape: tuple[int, ...], eps, num_hermite: int) -> tuple[Array, 
             f"eps draws must have shape (num_eps, *x.shape) = (num_eps, "
             f"{', '.join(map(str, shape))}); got {eps.shape}."
         )
-    prob = jnp.full((eps.shape[0],), 1.0 / eps.shape[0], eps.dtype)
+    if eps_prob is None:
+        prob = jnp.full((eps.shape[0],), 1.0 / eps.shape[0], eps.dtype)
+    else:
+        prob = _as_float(eps_prob)
+        if prob.shape != (eps.shape[0],):
+            raise ValueError(
+                f"eps_prob must have shape (num_eps,) = ({eps.shape[0]},), one "
+                f"probability per eps node; got {prob.shape}."
+            )
     return eps, prob
 
 
@@ -474,7 +677,7 @@ def reconstruction(
     *,
     decoder: str = "gaussian",
     num_levels: int = 256,
-    num_hermite: int = DECODER_HERMITE,
+    decoder_hermite: int = DECODER_HERMITE,
 ) -> Scalar:
     """Reconstruction term `E_{z ~ q(z_max | x)} [-log p(x | z)]` in nats.
 
@@ -497,7 +700,9 @@ def reconstruction(
 
     The expectation over `z` factorises into one-dimensional expectations over each
     coordinate's noise, which are computed by Gauss-Hermite quadrature with
-    `num_hermite` nodes (deterministic, no Monte Carlo error).
+    `decoder_hermite` nodes (deterministic, no Monte Carlo error). The ELBO
+    functions pass their own `decoder_hermite` here; their `num_hermite`, where
+    they have one, is the rule for the diffusion term's expectation over `eps`.
 
     **Raises:** `ValueError` for an unknown decoder; at run time (`eqx.error_if`)
     when discrete data are off the grid of levels.
@@ -509,13 +714,14 @@ def reconstruction(
     if decoder == "gaussian":
         return 0.5 * num_dims * (math.log(2 * math.pi) - logsnr_max + 1.0)
 
-    return _discrete_reconstruction(x, logsnr_max, num_levels, num_hermite)
+    _check_positive_int("reconstruction", "decoder_hermite", decoder_hermite)
+    return _discrete_reconstruction(x, logsnr_max, num_levels, decoder_hermite)
 
 
 @eqx.filter_jit
-def _discrete_reconstruction(x, logsnr_max, num_levels, num_hermite):
+def _discrete_reconstruction(x, logsnr_max, num_levels, decoder_hermite):
     level = _check_on_grid(x.ravel(), num_levels)
-    unit_nodes, unit_weights = np.polynomial.hermite_e.hermegauss(num_hermite)
+    unit_nodes, unit_weights = np.polynomial.hermite_e.hermegauss(decoder_hermite)
     eps = jnp.asarray(unit_nodes, x.dtype)
     prob = jnp.asarray(unit_weights / math.sqrt(2 * math.pi), x.dtype)
     # h alpha / sigma = exp(log h + logsnr / 2), formed in log space.
@@ -553,7 +759,11 @@ def check_proposal(proposal: Schedule, logsnr_min: float, logsnr_max: float) -> 
 
 
 def draw_uniforms(
-    num_samples: int, *, sampling: str = "iid", key: PRNGKeyArray
+    num_samples: int,
+    *,
+    sampling: str = "iid",
+    num_replicates: int = 1,
+    key: PRNGKeyArray,
 ) -> Float[Array, " num_samples"]:
     """Uniforms in [0, 1) to be mapped through a schedule, one per sample.
 
@@ -566,32 +776,42 @@ def draw_uniforms(
       stratum `i`).
     - `"low_discrepancy"`: `(u0 + i / num_samples) mod 1` with one shared `u0`
       (Kingma et al. 2021).
-    - `"antithetic"`: pairs `u, 1 - u`; `num_samples` must be even.
+    - `"antithetic"`: `u` in the first half and `1 - u` in the second, so that
+      draws `i` and `i + num_samples / 2` are partners; `num_samples` must be even.
+
+    With `num_replicates > 1` (stratified and low-discrepancy draws only) the draws
+    are that many independent blocks of `num_samples / num_replicates` consecutive
+    positions, each stratified or shifted on its own: the spread of the block means
+    is then an honest standard error (see `MonteCarloEstimate`).
     """
     _check_positive_int("draw_uniforms", "num_samples", num_samples)
-    if sampling not in SAMPLING_METHODS:
-        raise ValueError(
-            f"draw_uniforms: sampling={sampling!r} is not one of "
-            f"{list(SAMPLING_METHODS)}."
-        )
+    num_replicates = _check_sampling(
+        "draw_uniforms", sampling, num_samples, num_replicates, estimator=False
+    )
     dtype = _float_dtype()
     if sampling == "iid":
         return jax.random.uniform(key, (num_samples,), dtype)
+    if sampling == "antithetic":
+        u = jax.random.uniform(key, (num_samples // 2,), dtype)
+        return jnp.concatenate([u, 1.0 - u])
+
+    size = num_samples // num_replicates
+    replicate_keys = jax.random.split(key, num_replicates)
     if sampling == "stratified":
-        permutation_key, offset_key = jax.random.split(key)
-        strata = jax.random.permutation(permutation_key, num_samples)
-        offsets = jax.random.uniform(offset_key, (num_samples,), dtype)
-        return (strata + offsets) / num_samples
-    if sampling == "low_discrepancy":
-        u0 = jax.random.uniform(key, (), dtype)
-        return jnp.mod(u0 + jnp.arange(num_samples, dtype=dtype) / num_samples, 1.0)
-    if num_samples % 2:
-        raise ValueError(
-            f"draw_uniforms: antithetic sampling needs an even num_samples; got "
-            f"{num_samples}."
-        )
-    u = jax.random.uniform(key, (num_samples // 2,), dtype)
-    return jnp.concatenate([u, 1.0 - u])
+
+        def block(replicate_key):
+            permutation_key, offset_key = jax.random.split(replicate_key)
+            strata = jax.random.permutation(permutation_key, size)
+            offsets = jax.random.uniform(offset_key, (size,), dtype)
+            return (strata + offsets) / size
+
+    else:
+
+        def block(replicate_key):
+            u0 = jax.random.uniform(replicate_key, (), dtype)
+            return jnp.mod(u0 + jnp.arange(size, dtype=dtype) / size, 1.0)
+
+    return jax.vmap(block)(replicate_keys).reshape(num_samples)
 
 
 def weighted_loss_term(
@@ -632,9 +852,11 @@ def weighted_loss_term(
 
 
 @eqx.filter_jit
-def _importance_levels(weighting, proposal, num_samples, sampling, key):
+def _importance_levels(weighting, proposal, num_samples, sampling, num_replicates, key):
     """Levels drawn from the proposal and their log importance weights `log(w/p)`."""
-    u = draw_uniforms(num_samples, sampling=sampling, key=key)
+    u = draw_uniforms(
+        num_samples, sampling=sampling, num_replicates=num_replicates, key=key
+    )
     logsnr = proposal.logsnr_from_uniform(u)
     log_ratio = jax.vmap(weighting.log_weight)(logsnr)
     return logsnr, log_ratio - jax.vmap(proposal.log_density)(logsnr)
@@ -657,10 +879,12 @@ def _importance_terms(model, x, logsnr, log_ratio, key, batched):
     return jax.vmap(term, in_axes=in_axes)(x, logsnr, log_ratio, keys)
 
 
-def _weighted_loss_terms(model, x, weighting, proposal, num_samples, sampling, key):
+def _weighted_loss_terms(
+    model, x, weighting, proposal, num_samples, sampling, num_replicates, key
+):
     uniform_key, noise_key = jax.random.split(key)
     logsnr, log_ratio = _importance_levels(
-        weighting, proposal, num_samples, sampling, uniform_key
+        weighting, proposal, num_samples, sampling, num_replicates, uniform_key
     )
     return _importance_terms(model, x, logsnr, log_ratio, noise_key, False)
 
@@ -675,6 +899,7 @@ def weighted_loss(
     logsnr_max: float,
     num_samples: int = 1,
     sampling: str = "iid",
+    num_replicates: int | None = None,
     key: PRNGKeyArray,
 ) -> MonteCarloEstimate:
     """Monte Carlo estimate of the weighted loss `L_w(x)` of one example.
@@ -683,6 +908,9 @@ def weighted_loss(
     (PAPER.md section 2) estimated by `num_samples` terms of `weighted_loss_term`,
     noise levels drawn from `proposal` (any schedule on the same range) with the
     given `sampling` method (see `draw_uniforms`). Unbiased for every proposal.
+    Stratified and low-discrepancy draws come in `num_replicates` independent
+    replicates (by default the largest divisor of `num_samples` up to
+    `COUPLED_REPLICATES`), from whose spread the standard error is computed.
 
     **Returns:** a `MonteCarloEstimate`; its `variance` is the per-sample variance
     under this proposal.
@@ -692,20 +920,20 @@ def weighted_loss(
     """
     check_proposal(proposal, logsnr_min, logsnr_max)
     _check_positive_int("weighted_loss", "num_samples", num_samples)
-    if sampling not in SAMPLING_METHODS:
-        raise ValueError(
-            f"weighted_loss: sampling={sampling!r} is not one of "
-            f"{list(SAMPLING_METHODS)}."
-        )
-    if sampling == "antithetic" and num_samples % 2:
-        raise ValueError(
-            f"weighted_loss: antithetic sampling needs an even num_samples; got "
-            f"{num_samples}."
-        )
-    terms = _weighted_loss_terms(
-        model, _as_float(x), weighting, proposal, num_samples, sampling, key
+    num_replicates = _check_sampling(
+        "weighted_loss", sampling, num_samples, num_replicates
     )
-    return _estimate(terms)
+    terms = _weighted_loss_terms(
+        model,
+        _as_float(x),
+        weighting,
+        proposal,
+        num_samples,
+        sampling,
+        num_replicates,
+        key,
+    )
+    return _estimate(terms, sampling, num_replicates)
 
 
 # --- quadrature over logsnr and eps ---------------------------------------------------
@@ -739,15 +967,17 @@ def denoising_error(
     logsnr: Float[ArrayLike, "*levels"],
     *,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
 ) -> Float[Array, "*levels"]:
     """`E_eps ||eps - eps_hat(alpha x + sigma eps; logsnr)||^2` at each level.
 
     Twice the slope of the truncated loss, `dL(logsnr; x)/dlogsnr` (PAPER.md
-    section 4); the expectation by Gauss-Hermite or over fixed `eps` draws.
+    section 4); the expectation by Gauss-Hermite, or over given `eps` nodes with
+    probabilities `eps_prob` (equal by default, for draws).
     """
     x = _as_float(x)
-    eps, prob = _resolve_eps(x.shape, eps, num_hermite)
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
     levels = _as_float(logsnr)
     values = _mse_curve(model, x, levels.reshape(-1).astype(x.dtype), eps, prob)
     return values.reshape(levels.shape)
@@ -779,6 +1009,7 @@ def weighted_loss_quadrature(
     logsnr_max: float,
     num_points: int = 256,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
 ) -> Scalar:
     """Deterministic weighted loss `L_w(x)` by quadrature.
@@ -786,11 +1017,12 @@ def weighted_loss_quadrature(
     `L_w(x) = 1/2 Int_{min}^{max} w(logsnr) E_eps ||eps_hat - eps||^2 dlogsnr`, the
     integral by composite Gauss-Legendre (`logsnr_quadrature`, split at the
     weighting's kinks), the expectation over `eps` by Gauss-Hermite with
-    `num_hermite` nodes per dimension or, when `eps` is given, by the average over
-    those fixed draws.
+    `num_hermite` nodes per dimension or, when `eps` is given, over those nodes with
+    probabilities `eps_prob` (equal by default, for fixed draws; see
+    `eps_panel_quadrature` for a rule).
     """
     x = _as_float(x)
-    eps, prob = _resolve_eps(x.shape, eps, num_hermite)
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
     nodes, weights = logsnr_quadrature(
         logsnr_min,
         logsnr_max,
@@ -821,9 +1053,10 @@ def negative_elbo(
     num_samples: int = 1,
     proposal: Schedule | None = None,
     sampling: str = "iid",
+    num_replicates: int | None = None,
     decoder: str = "gaussian",
     num_levels: int = 256,
-    num_hermite: int = DECODER_HERMITE,
+    decoder_hermite: int = DECODER_HERMITE,
     key: PRNGKeyArray,
 ) -> ELBOTerms:
     """Monte Carlo negative continuous-time ELBO of one example, with its terms.
@@ -832,9 +1065,12 @@ def negative_elbo(
     + 1/2 Int_{min}^{max} E_eps ||eps - eps_hat||^2 dlogsnr` (Kingma et al. 2021).
 
     The prior and reconstruction terms are computed deterministically (`prior_kl`,
-    `reconstruction` with the chosen `decoder`); the diffusion term is the weighted
-    loss with `w = 1`, estimated with `num_samples` noise levels from `proposal`
-    (default: uniform in logsnr on the range) and its standard error is reported.
+    `reconstruction` with the chosen `decoder`, its expectation over the decoder's
+    noise by Gauss-Hermite with `decoder_hermite` nodes); the diffusion term is the
+    weighted loss with `w = 1`, estimated with `num_samples` noise levels from
+    `proposal` (default: uniform in logsnr on the range) drawn by `sampling` in
+    `num_replicates` replicates (see `weighted_loss`), and its standard error is
+    reported.
 
     **Returns:** `ELBOTerms` in nats; `.total` and `.bits_per_dim()`.
     """
@@ -851,6 +1087,7 @@ def negative_elbo(
         logsnr_max=logsnr_max,
         num_samples=num_samples,
         sampling=sampling,
+        num_replicates=num_replicates,
         key=key,
     )
     return ELBOTerms(
@@ -860,7 +1097,7 @@ def negative_elbo(
             logsnr_max,
             decoder=decoder,
             num_levels=num_levels,
-            num_hermite=num_hermite,
+            decoder_hermite=decoder_hermite,
         ),
         diffusion=diffusion.mean,
         diffusion_stderr=diffusion.stderr,
@@ -876,17 +1113,21 @@ def negative_elbo_quadrature(
     logsnr_max: float,
     num_points: int = 256,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
     decoder: str = "gaussian",
     num_levels: int = 256,
+    decoder_hermite: int = DECODER_HERMITE,
 ) -> ELBOTerms:
     """Deterministic negative continuous-time ELBO of one example, with its terms.
 
     The same three terms as `negative_elbo`; the diffusion term
     `1/2 Int E_eps ||eps - eps_hat||^2 dlogsnr` by composite Gauss-Legendre in
-    logsnr and Gauss-Hermite over `eps` (`num_hermite` nodes per dimension) or the
-    average over fixed `eps` draws of shape `(num_eps, *x.shape)`.
-    `diffusion_stderr` is zero.
+    logsnr (about `num_points` nodes) and, over `eps`, Gauss-Hermite with
+    `num_hermite` nodes per dimension or the given nodes `eps` of shape
+    `(num_eps, *x.shape)` with probabilities `eps_prob` (equal by default, for
+    draws). The reconstruction term uses `decoder_hermite` nodes over the decoder's
+    noise. `diffusion_stderr` is zero.
     """
     x = _as_float(x)
     _elbo_checks(
@@ -900,16 +1141,85 @@ def negative_elbo_quadrature(
         logsnr_max=logsnr_max,
         num_points=num_points,
         eps=eps,
+        eps_prob=eps_prob,
         num_hermite=num_hermite,
     )
     return ELBOTerms(
         prior=prior_kl(x, logsnr_min),
         reconstruction=reconstruction(
-            x, logsnr_max, decoder=decoder, num_levels=num_levels
+            x,
+            logsnr_max,
+            decoder=decoder,
+            num_levels=num_levels,
+            decoder_hermite=decoder_hermite,
         ),
         diffusion=diffusion,
         diffusion_stderr=jnp.zeros_like(diffusion),
         num_dims=x.size,
+    )
+
+
+def expected_negative_elbo(
+    model: Denoiser,
+    x: Float[ArrayLike, " num_examples *shape"],
+    *,
+    x_prob: Float[ArrayLike, " num_examples"] | None = None,
+    logsnr_min: float,
+    logsnr_max: float,
+    num_points: int = 256,
+    eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
+    num_hermite: int = NUM_HERMITE,
+    decoder: str = "gaussian",
+    num_levels: int = 256,
+    decoder_hermite: int = DECODER_HERMITE,
+) -> ELBOTerms:
+    """`E_x [-ELBO(x)]` with its terms, over weighted examples, by quadrature.
+
+    `sum_i x_prob_i ELBOTerms(x_i)` with every term from `negative_elbo_quadrature`
+    (same arguments). With the nodes and probabilities of `data_quadrature` this is
+    the expectation over a Gaussian mixture; with the `k` levels of discrete data and
+    their probabilities it is the expected code length, which exceeds the entropy
+    `-sum p log p` for every model. `x_prob` defaults to equal weights (data draws).
+
+    **Returns:** `ELBOTerms` of scalars: the expected prior, reconstruction and
+    diffusion terms (`diffusion_stderr` zero), in nats and `.bits_per_dim()`.
+    """
+    x = _as_float(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(
+            "expected_negative_elbo: x must have shape (num_examples, ...); got "
+            f"{x.shape}."
+        )
+    if x_prob is None:
+        x_prob = jnp.full((x.shape[0],), 1.0 / x.shape[0], x.dtype)
+    x_prob = _as_float(x_prob)
+    if x_prob.shape != (x.shape[0],):
+        raise ValueError(
+            f"expected_negative_elbo: x_prob must have shape ({x.shape[0]},), one "
+            f"probability per example; got {x_prob.shape}."
+        )
+    terms = jax.vmap(
+        lambda example: negative_elbo_quadrature(
+            model,
+            example,
+            logsnr_min=logsnr_min,
+            logsnr_max=logsnr_max,
+            num_points=num_points,
+            eps=eps,
+            eps_prob=eps_prob,
+            num_hermite=num_hermite,
+            decoder=decoder,
+            num_levels=num_levels,
+            decoder_hermite=decoder_hermite,
+        )
+    )(x)
+    return ELBOTerms(
+        prior=x_prob @ terms.prior,
+        reconstruction=x_prob @ terms.reconstruction,
+        diffusion=x_prob @ terms.diffusion,
+        diffusion_stderr=jnp.zeros((), x.dtype),
+        num_dims=terms.num_dims,
     )
 
 
@@ -976,6 +1286,7 @@ def truncated_loss(
     logsnr_min: float,
     num_points: int = 256,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
 ) -> Float[Array, "*levels"]:
     """The loss `L(logsnr; x)` of the process truncated at `logsnr`, by quadrature.
@@ -988,7 +1299,8 @@ def truncated_loss(
 
     Each level gets its own composite Gauss-Legendre rule of about `num_points`
     nodes on `[logsnr_min, logsnr]`; the expectation over `eps` is Gauss-Hermite
-    (`num_hermite` per dimension) or the average over fixed draws `eps`.
+    (`num_hermite` per dimension) or over given nodes `eps` with probabilities
+    `eps_prob` (equal by default, for fixed draws).
 
     **Returns:** `L` at every given level, in nats.
     """
@@ -1001,7 +1313,7 @@ def truncated_loss(
             f"truncated_loss: every level must be at least logsnr_min={logsnr_min}; "
             f"got min(logsnr)={float(jnp.min(levels))}."
         )
-    eps, prob = _resolve_eps(x.shape, eps, num_hermite)
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
     return _truncated_loss_rule(model, x, logsnr, logsnr_min, num_points, eps, prob)
 
 
@@ -1029,7 +1341,8 @@ class ByParts(eqx.Module):
 
     `weighted_loss = integral + endpoint - constant` (PAPER.md section 4), with
 
-    - `weighted_loss`: `L_w(x) = 1/2 Int w E ||eps - eps_hat||^2 dlogsnr`;
+    - `weighted_loss`: `L_w(x) = 1/2 Int w E ||eps - eps_hat||^2 dlogsnr
+      = 1/2 Int_0^1 w(logsnr_t) (-dlogsnr/dt) E ||eps - eps_hat||^2 dt`;
     - `integral`: `Int_0^1 (dw/dt) L(t; x) dt = Int (-dw/dlogsnr) L(logsnr; x)
       dlogsnr`, the ELBOs of every noise level weighted by `dw/dt`;
     - `endpoint`: `w(max) L(max; x)`, the full `-ELBO` (without reconstruction)
@@ -1062,10 +1375,12 @@ def by_parts(
     logsnr_min: float,
     logsnr_max: float,
     num_points: int = 256,
-    num_inner: int = 256,
+    num_inner: int = NUM_INNER,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
     breakpoints: Sequence[float] | None = None,
+    schedule: Schedule | None = None,
 ) -> ByParts:
     """Both sides of the paper's main identity, each computed independently.
 
@@ -1078,8 +1393,24 @@ def by_parts(
     `breakpoints` (by default `weighting_breakpoints(weighting)`). `dw/dlogsnr` is
     `weighting.dweight` (autodiff). `L` at every outer node, and at `logsnr_max`,
     comes from its own nested rule of about `num_inner` nodes (`truncated_loss`),
-    never from rearranging the left-hand side. The expectation over `eps` uses the
-    same nodes or draws everywhere, so it contributes no error to the identity.
+    never from rearranging the left-hand side; `num_inner` differs from
+    `num_points` by default, so that for `w = 1` (where the identity reduces to
+    `L_w = L(max) - L(min)`) two different rules meet. The expectation over `eps`
+    uses the same nodes or draws everywhere, so it contributes no error to the
+    identity.
+
+    With a `schedule` (spanning exactly the range), both outer integrals are taken
+    in time instead, by `time_quadrature`: `L_w = 1/2 Int_0^1 w(logsnr_t)
+    (-dlogsnr/dt) E||eps - eps_hat||^2 dt` and `Int_0^1 (dw/dt) L(t; x) dt` with
+    `dw/dt` from `dweight_dt` and `dlogsnr/dt` by autodiff of the schedule
+    (PAPER.md section 4, first form). The result must not depend on the schedule.
+
+    NOTE: near `t = 1` float64 spaces times by 1.1e-16, so a schedule that
+    squeezes a stretch of logsnr into a sliver of `t` loses accuracy there: the EDM
+    schedule, `N(2.4, 2.4^2)` on `[-12, 12]`, puts its lowest panel `[-12, -11.25]`
+    into the last 5e-9 of `t`, where logsnr is then only known to ~4e-8; its time
+    form agrees with the logsnr form to about 1e-6 relative (1e-12 for cosine,
+    shifted cosine and flow matching).
 
     **Returns:** a `ByParts` with the four terms and the residual.
     """
@@ -1087,30 +1418,51 @@ def by_parts(
     _check_range("by_parts", logsnr_min, logsnr_max)
     if breakpoints is None:
         breakpoints = weighting_breakpoints(weighting)
-    eps, prob = _resolve_eps(x.shape, eps, num_hermite)
-    nodes, weights = logsnr_quadrature(
-        logsnr_min, logsnr_max, num_points=num_points, breakpoints=breakpoints
-    )
-
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
     dtype = x.dtype
-    nodes, weights = nodes.astype(dtype), weights.astype(dtype)
     eps, prob = eps.astype(dtype), prob.astype(dtype)
-    weight, slope, weight_ends = _weight_curves(
-        weighting, nodes, jnp.asarray([logsnr_min, logsnr_max], dtype)
-    )
+    ends = jnp.asarray([logsnr_min, logsnr_max], dtype)
+
+    if schedule is None:
+        nodes, weights = logsnr_quadrature(
+            logsnr_min, logsnr_max, num_points=num_points, breakpoints=breakpoints
+        )
+        nodes, weights = nodes.astype(dtype), weights.astype(dtype)
+        weight, slope, weight_ends = _weight_curves(weighting, nodes, ends)
+        # In logsnr, both integrands carry the factor 1 and the slope is -dw/dlogsnr.
+        mse_factor, loss_factor = weight, -slope
+    else:
+        check_proposal(schedule, logsnr_min, logsnr_max)
+        t, weights = time_quadrature(
+            schedule, num_points=num_points, breakpoints=breakpoints
+        )
+        t, weights = t.astype(dtype), weights.astype(dtype)
+        nodes, mse_factor, loss_factor, weight_ends = _time_curves(
+            weighting, schedule, t, ends
+        )
 
     # Left-hand side: the weighted loss.
     mse = _mse_curve(model, x, nodes, eps, prob)
-    weighted = 0.5 * jnp.sum(weights * weight * mse)
+    weighted = 0.5 * jnp.sum(weights * mse_factor * mse)
 
     # Right-hand side: L at every outer node and at the top of the range, each by
     # its own nested rule.
     levels = jnp.concatenate([nodes, jnp.asarray([logsnr_max], dtype)])
     losses = _truncated_loss_rule(model, x, levels, logsnr_min, num_inner, eps, prob)
-    integral = jnp.sum(weights * (-slope) * losses[:-1])
+    integral = jnp.sum(weights * loss_factor * losses[:-1])
     endpoint = weight_ends[1] * losses[-1]
     constant = weight_ends[0] * prior_kl(x, logsnr_min)
     return ByParts(weighted, integral, endpoint, constant)
+
+
+@eqx.filter_jit
+def _time_curves(weighting, schedule, t, ends):
+    """Along a schedule: `logsnr(t)`, `w (-dlogsnr/dt)`, `dw/dt` and `w` at the ends."""
+    logsnr = jax.vmap(schedule.logsnr)(t)
+    slope = jax.vmap(lambda s: process.dlogsnr_dt(schedule, s))(t)
+    weight = jax.vmap(weighting)(logsnr)
+    dweight = jax.vmap(lambda s: dweight_dt(weighting, schedule, s))(t)
+    return logsnr, -weight * slope, dweight, jax.vmap(weighting)(ends)
 
 
 @eqx.filter_jit
@@ -1174,6 +1526,9 @@ def dweight_masses(
     }
 
 
+# --- monotonic weightings: the ELBO of noise-augmented data -------------------------
+
+
 def augmentation_constant(
     x: Float[ArrayLike, "*shape"],
     *,
@@ -1183,17 +1538,78 @@ def augmentation_constant(
     """`w(min) L(min; x) = w(min) KL(q(z_min | x) || N(0, I))`: model-independent.
 
     For a non-increasing `w`, `L_w(x) = w(min) E_{logsnr ~ p_w} [L(logsnr; x)]`
-    minus this constant (PAPER.md section 4).
+    minus this constant (PAPER.md section 4); `implied_constant` and
+    `compare_implied_constants` measure the constant a denoiser's losses imply.
     """
     return weighting(logsnr_min) * prior_kl(x, logsnr_min)
 
 
+def _check_monotonic(owner: str, weighting: Weighting, logsnr_min, logsnr_max):
+    if not _is_monotonic(weighting, logsnr_min, logsnr_max):
+        raise ValueError(
+            f"{owner}: {type(weighting).__name__} is not non-increasing on "
+            f"[{logsnr_min}, {logsnr_max}], so p_w has negative parts and the "
+            "weighted loss is not an expected ELBO; use by_parts."
+        )
+
+
+def _is_monotonic(weighting: Weighting, logsnr_min: float, logsnr_max: float) -> bool:
+    """`weighting.is_monotonic` on the same grid and tolerance, compiled once."""
+    grid = jnp.linspace(logsnr_min, logsnr_max, MONOTONIC_CHECK_POINTS)
+    slopes = _log_slopes(weighting, grid.astype(_float_dtype()))
+    tolerance = 100 * float(jnp.finfo(_float_dtype()).eps)
+    return float(jnp.max(slopes)) <= tolerance
+
+
 @eqx.filter_jit
-def _augmented_terms(model, x, weighting, logsnr_min, logsnr_max, num_samples, key):
-    level_key, inner_key, noise_key = jax.random.split(key, 3)
-    levels = _augmentation_levels(
-        weighting, logsnr_min, logsnr_max, num_samples, level_key
+def _log_slopes(weighting, grid):
+    return jax.vmap(weighting.dlog_weight)(grid)
+
+
+@eqx.filter_jit
+def _augmentation_logsnr(weighting, u, logsnr_min, logsnr_max):
+    """Levels from `p_w` and its point mass at uniforms `u`, by inverting the CDF.
+
+    The CDF is `1 - w(logsnr) / w(min)` below `logsnr_max`, inverted by bisection on
+    `log w` as in `Weighting.sample_augmentation`, which draws its own uniform;
+    taking the uniforms as input lets them be stratified.
+    """
+    log_w_min = weighting.log_weight(logsnr_min)
+    log_w_max = weighting.log_weight(logsnr_max)
+
+    def one(uniform):
+        target = log_w_min + jnp.log1p(-uniform)
+
+        def bisect(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            above = weighting.log_weight(mid) >= target
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(
+            0, INVERSE_BISECTION_STEPS, bisect, (logsnr_min, logsnr_max)
+        )
+        return jnp.where(log_w_max >= target, logsnr_max, 0.5 * (lo + hi))
+
+    return jax.vmap(one)(u)
+
+
+def _augmentation_draws(
+    weighting, logsnr_min, logsnr_max, num_samples, sampling, num_replicates, key
+):
+    u = draw_uniforms(
+        num_samples, sampling=sampling, num_replicates=num_replicates, key=key
     )
+    dtype = u.dtype
+    return _augmentation_logsnr(
+        weighting, u, jnp.asarray(logsnr_min, dtype), jnp.asarray(logsnr_max, dtype)
+    )
+
+
+@eqx.filter_jit
+def _augmented_terms(model, x, levels, logsnr_min, key):
+    inner_key, noise_key = jax.random.split(key)
+    num_samples = levels.shape[0]
     fractions = jax.random.uniform(inner_key, (num_samples,), x.dtype)
     base = prior_kl(x, logsnr_min)
 
@@ -1209,60 +1625,13 @@ def _augmented_terms(model, x, weighting, logsnr_min, logsnr_max, num_samples, k
     return jax.vmap(term)(levels, fractions, keys)
 
 
-def expected_truncated_loss(
-    model: Denoiser,
-    x: Float[ArrayLike, "*shape"],
-    *,
-    weighting: Weighting,
-    logsnr_min: float,
-    logsnr_max: float,
-    num_samples: int,
-    num_points: int | None = None,
-    eps: Float[ArrayLike, " num_eps *shape"] | None = None,
-    num_hermite: int = NUM_HERMITE,
-    key: PRNGKeyArray,
-) -> MonteCarloEstimate:
-    """Monte Carlo `E_{logsnr ~ p_w} [L(logsnr; x)]` for a non-increasing weighting.
-
-    The noise levels are drawn from the augmentation distribution `p_w` with its
-    point mass at `logsnr_max` (`weighting.sample_augmentation`). By the main
-    result, `L_w(x) = w(min) E_{p_w}[L] - augmentation_constant(x, ...)`: the
-    weighted loss is the ELBO of data augmented with Gaussian noise of level `p_w`.
-
-    `L(logsnr; x)` at each drawn level is
-
-    - with `num_points=None`, a one-draw unbiased estimate, `KL + 1/2 (logsnr -
-      min) ||eps - eps_hat(z; l)||^2` at `l` uniform in `[min, logsnr]` (cheap, for
-      any model; its distribution is skewed, with rare large values);
-    - with `num_points` given, `truncated_loss` by quadrature (Gauss-Legendre with
-      about `num_points` nodes, Gauss-Hermite or fixed `eps` draws), so that the
-      only randomness is the level.
-
-    **Raises:** `ValueError` when the weighting is not monotonic on the range.
-    """
-    x = _as_float(x)
-    _check_range("expected_truncated_loss", logsnr_min, logsnr_max)
-    _check_positive_int("expected_truncated_loss", "num_samples", num_samples)
-    if not _is_monotonic(weighting, logsnr_min, logsnr_max):
-        raise ValueError(
-            f"expected_truncated_loss: {type(weighting).__name__} is not "
-            f"non-increasing on [{logsnr_min}, {logsnr_max}], so p_w has negative "
-            "parts and the weighted loss is not an expected ELBO; use by_parts."
-        )
-    if num_points is None:
-        terms = _augmented_terms(
-            model, x, weighting, float(logsnr_min), float(logsnr_max), num_samples, key
-        )
-        return _estimate(terms)
-    eps, prob = _resolve_eps(x.shape, eps, num_hermite)
-    levels = _augmentation_levels(
-        weighting, float(logsnr_min), float(logsnr_max), num_samples, key
-    )
+def _level_losses(model, x, levels, logsnr_min, logsnr_max, num_points, eps, prob):
+    """`L(logsnr; x)` by quadrature at each drawn level (`_panel_truncated_losses`)."""
     panel_nodes, panel_weights = logsnr_quadrature(
         logsnr_min, logsnr_max, num_points=num_points
     )
     dtype = x.dtype
-    terms = _panel_truncated_losses(
+    return _panel_truncated_losses(
         model,
         x,
         levels.astype(dtype),
@@ -1273,7 +1642,69 @@ def expected_truncated_loss(
         eps.astype(dtype),
         prob.astype(dtype),
     )
-    return _estimate(terms)
+
+
+def expected_truncated_loss(
+    model: Denoiser,
+    x: Float[ArrayLike, "*shape"],
+    *,
+    weighting: Weighting,
+    logsnr_min: float,
+    logsnr_max: float,
+    num_samples: int,
+    sampling: str = "iid",
+    num_replicates: int | None = None,
+    num_points: int | None = None,
+    eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
+    num_hermite: int = NUM_HERMITE,
+    key: PRNGKeyArray,
+) -> MonteCarloEstimate:
+    """Monte Carlo `E_{logsnr ~ p_w} [L(logsnr; x)]` for a non-increasing weighting.
+
+    The noise levels are drawn from the augmentation distribution `p_w` with its
+    point mass at `logsnr_max`, by mapping uniforms from `draw_uniforms(num_samples,
+    sampling=..., num_replicates=...)` through the inverse CDF (so that they can be
+    stratified; the standard error is computed as in `weighted_loss`). By the main
+    result, `L_w(x) = w(min) E_{p_w}[L] - augmentation_constant(x, ...)`: the
+    weighted loss is the ELBO of data augmented with Gaussian noise of level `p_w`.
+
+    `L(logsnr; x)` at each drawn level is
+
+    - with `num_points=None`, a one-draw unbiased estimate, `KL + 1/2 (logsnr -
+      min) ||eps - eps_hat(z; l)||^2` at `l` uniform in `[min, logsnr]` (cheap, for
+      any model; its distribution is skewed, with rare large values);
+    - with `num_points` given, `truncated_loss` by quadrature (Gauss-Legendre with
+      about `num_points` nodes, Gauss-Hermite or the given `eps` nodes), so that the
+      only randomness is the level.
+
+    **Raises:** `ValueError` when the weighting is not monotonic on the range.
+    """
+    x = _as_float(x)
+    owner = "expected_truncated_loss"
+    _check_range(owner, logsnr_min, logsnr_max)
+    _check_positive_int(owner, "num_samples", num_samples)
+    num_replicates = _check_sampling(owner, sampling, num_samples, num_replicates)
+    _check_monotonic(owner, weighting, logsnr_min, logsnr_max)
+    level_key, term_key = jax.random.split(key)
+    levels = _augmentation_draws(
+        weighting,
+        logsnr_min,
+        logsnr_max,
+        num_samples,
+        sampling,
+        num_replicates,
+        level_key,
+    ).astype(x.dtype)
+    if num_points is None:
+        logsnr_low = jnp.asarray(logsnr_min, x.dtype)
+        terms = _augmented_terms(model, x, levels, logsnr_low, term_key)
+    else:
+        eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
+        terms = _level_losses(
+            model, x, levels, logsnr_min, logsnr_max, num_points, eps, prob
+        )
+    return _estimate(terms, sampling, num_replicates)
 
 
 @eqx.filter_jit
@@ -1310,33 +1741,248 @@ def _panel_truncated_losses(
     return jax.lax.map(one, levels, batch_size=256)
 
 
-def _is_monotonic(weighting: Weighting, logsnr_min: float, logsnr_max: float) -> bool:
-    """`weighting.is_monotonic` on the same grid and tolerance, compiled once."""
-    grid = jnp.linspace(logsnr_min, logsnr_max, MONOTONIC_CHECK_POINTS)
-    slopes = _log_slopes(weighting, grid.astype(_float_dtype()))
-    tolerance = 100 * float(jnp.finfo(_float_dtype()).eps)
-    return float(jnp.max(slopes)) <= tolerance
+class ImpliedConstant(eqx.Module):
+    """The constant a denoiser's losses imply: `w(min) E_{p_w}[L] - L_w(x)`.
+
+    For a non-increasing weighting the main result (PAPER.md section 4) says
+    `L_w(x) = w(min) E_{logsnr ~ p_w}[L(logsnr; x)] - w(min) L(min; x)`, so the
+    implied `constant` must equal `reference = w(min) KL(q(z_min | x) || N(0, I))`
+    (`augmentation_constant`) for every denoiser, good or bad.
+
+    **Fields:**
+
+    - `weighted_loss`: `L_w(x)` by quadrature.
+    - `expected_loss`: `E_{p_w}[L(logsnr; x)]`, with `p_w`'s point mass at
+      `logsnr_max`, by quadrature or Monte Carlo.
+    - `expected_loss_stderr`: its standard error (zero by quadrature).
+    - `weight_min`: `w(logsnr_min)`, the normalisation of `p_w`.
+    - `reference`: `w(min) KL`, the model-independent value.
+
+    Scalars for one denoiser; arrays over denoisers in a `ConstantComparison`.
+    """
+
+    weighted_loss: Float[Array, "*batch"]
+    expected_loss: Float[Array, "*batch"]
+    expected_loss_stderr: Float[Array, "*batch"]
+    weight_min: Float[Array, "*batch"]
+    reference: Float[Array, "*batch"]
+
+    @property
+    def constant(self) -> Float[Array, "*batch"]:
+        """`w(min) E_{p_w}[L] - L_w(x)`."""
+        return self.weight_min * self.expected_loss - self.weighted_loss
+
+    @property
+    def constant_stderr(self) -> Float[Array, "*batch"]:
+        """`w(min)` times the standard error of `expected_loss`."""
+        return self.weight_min * self.expected_loss_stderr
+
+    @property
+    def z_score(self) -> Float[Array, "*batch"]:
+        """`(constant - reference) / constant_stderr` (Monte Carlo only)."""
+        return (self.constant - self.reference) / self.constant_stderr
+
+
+def implied_constant(
+    model: Denoiser,
+    x: Float[ArrayLike, "*shape"],
+    *,
+    weighting: Weighting,
+    logsnr_min: float,
+    logsnr_max: float,
+    num_points: int = 256,
+    num_inner: int = NUM_INNER,
+    eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
+    num_hermite: int = NUM_HERMITE,
+) -> ImpliedConstant:
+    """The constant implied by the main result, deterministically by quadrature.
+
+    `E_{p_w}[L] = Int p_w(logsnr) L(logsnr; x) dlogsnr + P L(max; x)` with
+    `p_w = weighting.augmentation_density` and its point mass
+    `P = weighting.augmentation_point_mass` on a composite Gauss-Legendre rule of
+    about `num_points` nodes cut at the weighting's kinks, `L` at every node from
+    its own nested rule of about `num_inner` nodes; `L_w(x)` by
+    `weighted_loss_quadrature` on the outer rule. The expectation over `eps` is the
+    same rule everywhere (Gauss-Hermite, or the given `eps` nodes), so the implied
+    constant equals `reference` to quadrature precision for every denoiser.
+
+    **Raises:** `ValueError` when the weighting is not monotonic on the range.
+    """
+    x = _as_float(x)
+    _check_range("implied_constant", logsnr_min, logsnr_max)
+    _check_monotonic("implied_constant", weighting, logsnr_min, logsnr_max)
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
+    dtype = x.dtype
+    eps, prob = eps.astype(dtype), prob.astype(dtype)
+    nodes, weights = logsnr_quadrature(
+        logsnr_min,
+        logsnr_max,
+        num_points=num_points,
+        breakpoints=weighting_breakpoints(weighting),
+    )
+    nodes, weights = nodes.astype(dtype), weights.astype(dtype)
+    density, point_mass = _augmentation_curve(
+        weighting, nodes, jnp.asarray(logsnr_min, dtype), jnp.asarray(logsnr_max, dtype)
+    )
+
+    # E_{p_w}[L]: the density part on the outer rule plus the point mass at max.
+    levels = jnp.concatenate([nodes, jnp.asarray([logsnr_max], dtype)])
+    losses = _truncated_loss_rule(model, x, levels, logsnr_min, num_inner, eps, prob)
+    expected = jnp.sum(weights * density * losses[:-1]) + point_mass * losses[-1]
+
+    weighted = weighted_loss_quadrature(
+        model,
+        x,
+        weighting=weighting,
+        logsnr_min=logsnr_min,
+        logsnr_max=logsnr_max,
+        num_points=num_points,
+        eps=eps,
+        eps_prob=prob,
+    )
+    return ImpliedConstant(
+        weighted_loss=weighted,
+        expected_loss=expected,
+        expected_loss_stderr=jnp.zeros_like(expected),
+        weight_min=weighting(jnp.asarray(logsnr_min, dtype)),
+        reference=augmentation_constant(x, weighting=weighting, logsnr_min=logsnr_min),
+    )
 
 
 @eqx.filter_jit
-def _log_slopes(weighting, grid):
-    return jax.vmap(weighting.dlog_weight)(grid)
+def _augmentation_curve(weighting, nodes, logsnr_min, logsnr_max):
+    density = jax.vmap(
+        lambda level: weighting.augmentation_density(level, logsnr_min, logsnr_max)
+    )(nodes)
+    return density, weighting.augmentation_point_mass(logsnr_min, logsnr_max)
 
 
-@eqx.filter_jit
-def _augmentation_levels(weighting, logsnr_min, logsnr_max, num_samples, key):
-    return jax.vmap(
-        lambda k: weighting.sample_augmentation(logsnr_min, logsnr_max, key=k)
-    )(jax.random.split(key, num_samples))
+class ConstantComparison(eqx.Module):
+    """Implied constants of several denoisers from shared draws of `p_w`.
+
+    **Fields:**
+
+    - `constants`: an `ImpliedConstant` whose fields are arrays over the denoisers
+      (Monte Carlo `expected_loss` with its standard error).
+    - `difference`: `constant_k - constant_0`, each denoiser's implied constant
+      minus the first one's; zero for every denoiser by the main result.
+    - `difference_stderr`: its standard error, from the per-draw paired
+      differences `w(min) (L_k(logsnr_i) - L_0(logsnr_i))` at the shared levels
+      (grouped into independent units as in `MonteCarloEstimate`).
+    - `num_independent`: the number of independent units behind the errors.
+    """
+
+    constants: ImpliedConstant
+    difference: Float[Array, " num_models"]
+    difference_stderr: Float[Array, " num_models"]
+    num_independent: int = eqx.field(static=True)
+
+    @property
+    def difference_z(self) -> Float[Array, " num_models"]:
+        """`difference / difference_stderr` (NaN for the first denoiser)."""
+        return self.difference / self.difference_stderr
+
+
+def compare_implied_constants(
+    models: Sequence[Denoiser],
+    x: Float[ArrayLike, "*shape"],
+    *,
+    weighting: Weighting,
+    logsnr_min: float,
+    logsnr_max: float,
+    num_samples: int,
+    sampling: str = "stratified",
+    num_replicates: int | None = None,
+    num_points: int = 256,
+    eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
+    num_hermite: int = NUM_HERMITE,
+    key: PRNGKeyArray,
+) -> ConstantComparison:
+    """Monte Carlo check that a monotonic weighted loss is an expected ELBO.
+
+    Draws `num_samples` levels from `p_w` once (`sampling` and `num_replicates` as
+    in `expected_truncated_loss`; stratified by default) and, for every denoiser,
+    evaluates `L(logsnr; x)` at them by quadrature (about `num_points` nodes) and
+    `L_w(x)` by quadrature with the same `eps` rule, so that the only randomness is
+    the shared levels. Each implied constant `w(min) E_{p_w}[L] - L_w(x)` is
+    compared with the model-independent `reference` (`z_score`), and each with the
+    first denoiser's through the paired per-draw differences, whose standard error
+    is far smaller than either constant's because the levels are shared.
+
+    **Raises:** `ValueError` when the weighting is not monotonic on the range or no
+    denoiser is given.
+    """
+    x = _as_float(x)
+    owner = "compare_implied_constants"
+    models = list(models)
+    if not models:
+        raise ValueError(f"{owner}: models is empty; pass at least one denoiser.")
+    _check_range(owner, logsnr_min, logsnr_max)
+    _check_positive_int(owner, "num_samples", num_samples)
+    num_replicates = _check_sampling(owner, sampling, num_samples, num_replicates)
+    _check_monotonic(owner, weighting, logsnr_min, logsnr_max)
+    eps, prob = _resolve_eps(x.shape, eps, num_hermite, eps_prob)
+    dtype = x.dtype
+    levels = _augmentation_draws(
+        weighting, logsnr_min, logsnr_max, num_samples, sampling, num_replicates, key
+    ).astype(dtype)
+    weight_min = weighting(jnp.asarray(logsnr_min, dtype))
+
+    weighted, terms = [], []
+    for model in models:
+        weighted.append(
+            weighted_loss_quadrature(
+                model,
+                x,
+                weighting=weighting,
+                logsnr_min=logsnr_min,
+                logsnr_max=logsnr_max,
+                num_points=num_points,
+                eps=eps,
+                eps_prob=prob,
+            )
+        )
+        terms.append(
+            _level_losses(
+                model, x, levels, logsnr_min, logsnr_max, num_points, eps, prob
+            )
+        )
+    estimates = [_estimate(t, sampling, num_replicates) for t in terms]
+    paired = [_estimate(t - terms[0], sampling, num_replicates) for t in terms]
+
+    weighted = jnp.stack(weighted)
+    constants = ImpliedConstant(
+        weighted_loss=weighted,
+        expected_loss=jnp.stack([e.mean for e in estimates]),
+        expected_loss_stderr=jnp.stack([e.stderr for e in estimates]),
+        weight_min=jnp.full(len(models), weight_min),
+        reference=jnp.full(
+            len(models),
+            augmentation_constant(x, weighting=weighting, logsnr_min=logsnr_min),
+        ),
+    )
+    mean_difference = jnp.stack([e.mean for e in paired])
+    stderr_difference = jnp.stack([e.stderr for e in paired])
+    difference = weight_min * mean_difference - (weighted - weighted[0])
+    return ConstantComparison(
+        constants=constants,
+        difference=difference,
+        difference_stderr=weight_min * stderr_difference,
+        num_independent=estimates[0].num_independent,
+    )
 
 
 # --- proposals and the variance of the estimator --------------------------------------
 
 
-def _weighted_loss_batch_terms(model, x, weighting, proposal, sampling, key):
+def _weighted_loss_batch_terms(
+    model, x, weighting, proposal, sampling, num_replicates, key
+):
     uniform_key, noise_key = jax.random.split(key)
     logsnr, log_ratio = _importance_levels(
-        weighting, proposal, x.shape[0], sampling, uniform_key
+        weighting, proposal, x.shape[0], sampling, num_replicates, uniform_key
     )
     return _importance_terms(model, x, logsnr, log_ratio, noise_key, True)
 
@@ -1350,15 +1996,18 @@ def weighted_loss_batch(
     logsnr_min: float,
     logsnr_max: float,
     sampling: str = "iid",
+    num_replicates: int | None = None,
     key: PRNGKeyArray,
 ) -> MonteCarloEstimate:
     """Weighted loss of a batch, one noise level per example, drawn across the batch.
 
     Estimates the batch average of `L_w(x_i)` (or, for examples drawn from the data,
     `E_x L_w(x)`) with one `weighted_loss_term` per example; the levels come from
-    `draw_uniforms(num_examples, sampling=...)` mapped through the proposal, so
-    stratified, low-discrepancy and antithetic draws spread the levels over the
-    batch while every term stays unbiased.
+    `draw_uniforms(num_examples, sampling=..., num_replicates=...)` mapped through
+    the proposal, so stratified, low-discrepancy and antithetic draws spread the
+    levels over the batch while every term stays unbiased. Antithetic partners are
+    examples `i` and `i + num_examples / 2`; the standard error is computed as in
+    `weighted_loss`.
     """
     x = _as_float(x)
     check_proposal(proposal, logsnr_min, logsnr_max)
@@ -1367,18 +2016,13 @@ def weighted_loss_batch(
             "weighted_loss_batch: x must have shape (num_examples, ...); got "
             f"{x.shape}."
         )
-    if sampling not in SAMPLING_METHODS:
-        raise ValueError(
-            f"weighted_loss_batch: sampling={sampling!r} is not one of "
-            f"{list(SAMPLING_METHODS)}."
-        )
-    if sampling == "antithetic" and x.shape[0] % 2:
-        raise ValueError(
-            f"weighted_loss_batch: antithetic sampling needs an even batch; got "
-            f"{x.shape[0]} examples."
-        )
-    terms = _weighted_loss_batch_terms(model, x, weighting, proposal, sampling, key)
-    return _estimate(terms)
+    num_replicates = _check_sampling(
+        "weighted_loss_batch", sampling, x.shape[0], num_replicates
+    )
+    terms = _weighted_loss_batch_terms(
+        model, x, weighting, proposal, sampling, num_replicates, key
+    )
+    return _estimate(terms, sampling, num_replicates)
 
 
 class IntegrandMoments(eqx.Module):
@@ -1485,6 +2129,7 @@ def integrand_moments(
     logsnr_max: float,
     x_prob: Float[ArrayLike, " num_examples"] | None = None,
     eps: Float[ArrayLike, " num_eps *shape"] | None = None,
+    eps_prob: Float[ArrayLike, " num_eps"] | None = None,
     num_hermite: int = NUM_HERMITE,
     num_bins: int = 100,
 ) -> IntegrandMoments:
@@ -1492,8 +2137,9 @@ def integrand_moments(
 
     The expectation is over the examples `x` (with probabilities `x_prob`, equal by
     default: data draws, or the nodes of `data_quadrature`) times the noise `eps`
-    (Gauss-Hermite, or fixed draws). Levels are `GAUSS_LEGENDRE_ORDER` Gauss-Legendre
-    nodes in each of `num_bins` equal bins (100 in the paper's adaptive schedule).
+    (Gauss-Hermite, or given nodes `eps` with `eps_prob`). Levels are
+    `GAUSS_LEGENDRE_ORDER` Gauss-Legendre nodes in each of `num_bins` equal bins (100
+    in the paper's adaptive schedule).
     """
     x = _as_float(x)
     _check_range("integrand_moments", logsnr_min, logsnr_max)
@@ -1506,7 +2152,7 @@ def integrand_moments(
     if x_prob is None:
         x_prob = jnp.full((x.shape[0],), 1.0 / x.shape[0], x.dtype)
     x_prob = _as_float(x_prob)
-    eps, eps_prob = _resolve_eps(shape, eps, num_hermite)
+    eps, eps_prob = _resolve_eps(shape, eps, num_hermite, eps_prob)
     nodes, weights = logsnr_quadrature(
         logsnr_min, logsnr_max, num_points=num_bins * GAUSS_LEGENDRE_ORDER
     )

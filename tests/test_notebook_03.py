@@ -14,6 +14,9 @@ ADAPTIVE_EXCESS_BOUND = 0.05
 DEGENERATE_TOLERANCE = 1e-3
 # The optimal proposal must beat the cosine schedule clearly (measured 0.59-0.61).
 OPTIMAL_RATIO_BOUND = 0.8
+# Uniform-in-logsnr draws waste most of them at high logsnr for this weighting: their
+# variance is several times the cosine schedule's (measured 3.70 and 3.83).
+LINEAR_RATIO_FLOOR = 2.0
 
 
 @pytest.mark.notebook
@@ -31,8 +34,15 @@ def test_schedule_invariance_and_variance_notebook(run_quick_notebook):
                 denoiser,
                 name,
             )
-        assert rows["cosine"]["ratio_to_cosine"] == 1.0
-        assert rows["linear"]["ratio_to_cosine"] > 2.0
+        # The optimal proposal has the smallest variance of all, and the paper's
+        # adaptive proxy comes within a few percent of it.
+        optimal = rows["optimal"]["ratio_to_cosine"]
+        for name, entry in rows.items():
+            if name != "optimal":
+                assert optimal < entry["ratio_to_cosine"], (denoiser, name)
+        excess = rows["adaptive"]["ratio_to_cosine"] / optimal - 1
+        assert 0 <= excess < ADAPTIVE_EXCESS_BOUND, (denoiser, excess)
+        assert rows["linear"]["ratio_to_cosine"] > LINEAR_RATIO_FLOOR
 
     for denoiser, entry in metrics["optimum"].items():
         assert entry["optimal_is_lowest"], denoiser
