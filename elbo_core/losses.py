@@ -57,8 +57,8 @@ from . import process
 from .schedules import Linear, PiecewiseConstant, Schedule
 from .weighting import (
     ELBO,
-    INVERSE_BISECTION_STEPS,
     MONOTONIC_CHECK_POINTS,
+    MONOTONIC_SLOPE_ULPS,
     EDMMonotonic,
     MinSNR,
     Shifted,
@@ -1557,7 +1557,7 @@ def _is_monotonic(weighting: Weighting, logsnr_min: float, logsnr_max: float) ->
     """`weighting.is_monotonic` on the same grid and tolerance, compiled once."""
     grid = jnp.linspace(logsnr_min, logsnr_max, MONOTONIC_CHECK_POINTS)
     slopes = _log_slopes(weighting, grid.astype(_float_dtype()))
-    tolerance = 100 * float(jnp.finfo(_float_dtype()).eps)
+    tolerance = MONOTONIC_SLOPE_ULPS * float(jnp.finfo(_float_dtype()).eps)
     return float(jnp.max(slopes)) <= tolerance
 
 
@@ -1568,30 +1568,10 @@ def _log_slopes(weighting, grid):
 
 @eqx.filter_jit
 def _augmentation_logsnr(weighting, u, logsnr_min, logsnr_max):
-    """Levels from `p_w` and its point mass at uniforms `u`, by inverting the CDF.
-
-    The CDF is `1 - w(logsnr) / w(min)` below `logsnr_max`, inverted by bisection on
-    `log w` as in `Weighting.sample_augmentation`, which draws its own uniform;
-    taking the uniforms as input lets them be stratified.
-    """
-    log_w_min = weighting.log_weight(logsnr_min)
-    log_w_max = weighting.log_weight(logsnr_max)
-
-    def one(uniform):
-        target = log_w_min + jnp.log1p(-uniform)
-
-        def bisect(_, bounds):
-            lo, hi = bounds
-            mid = 0.5 * (lo + hi)
-            above = weighting.log_weight(mid) >= target
-            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-        lo, hi = jax.lax.fori_loop(
-            0, INVERSE_BISECTION_STEPS, bisect, (logsnr_min, logsnr_max)
-        )
-        return jnp.where(log_w_max >= target, logsnr_max, 0.5 * (lo + hi))
-
-    return jax.vmap(one)(u)
+    """`weighting.augmentation_logsnr` at every uniform of `u`."""
+    return jax.vmap(weighting.augmentation_logsnr, in_axes=(0, None, None))(
+        u, logsnr_min, logsnr_max
+    )
 
 
 def _augmentation_draws(

@@ -290,10 +290,31 @@ class Weighting(eqx.Module):
                 f"{logsnr_max}], so its p_w has negative parts and cannot be sampled."
             )
 
-        logsnr_min = jnp.asarray(logsnr_min, dtype)
-        logsnr_max = jnp.asarray(logsnr_max, dtype)
-        log_w_min = self.log_weight(logsnr_min)
         u = jax.random.uniform(key, dtype=dtype)
+        return self.augmentation_logsnr(
+            u, jnp.asarray(logsnr_min, dtype), jnp.asarray(logsnr_max, dtype)
+        )
+
+    def augmentation_logsnr(
+        self, u: ScalarLike, logsnr_min: ScalarLike, logsnr_max: ScalarLike
+    ) -> Scalar:
+        """The noise level of `p_w` and its point mass at CDF value `u`.
+
+        Inverts `CDF(logsnr) = 1 - w(logsnr) / w(logsnr_min)` below `logsnr_max` by
+        bisection on `log w` (`INVERSE_BISECTION_STEPS` halvings); `u` above
+        `1 - w(logsnr_max) / w(logsnr_min)` falls in the point mass. Taking `u` as
+        input lets a caller stratify the uniforms; `sample_augmentation` draws one.
+        Nothing is checked here, so this runs on traced arguments: the weighting
+        must be monotonic on the range.
+
+        **Arguments:**
+
+        - `u`: a uniform in [0, 1).
+        - `logsnr_min`, `logsnr_max`: the range, `logsnr_min < logsnr_max`.
+
+        **Returns:** a scalar in `[logsnr_min, logsnr_max]`.
+        """
+        log_w_min = self.log_weight(logsnr_min)
         target = log_w_min + jnp.log1p(-u)
 
         def bisect(_, bounds):

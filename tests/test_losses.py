@@ -414,7 +414,9 @@ def test_augmentation_levels_invert_the_cdf_of_p_w():
         )
     )(keys)
     u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float64))(keys)
-    from_uniforms = losses._augmentation_logsnr(edm_monotonic, u, low, high)
+    from_uniforms = jax.vmap(
+        edm_monotonic.augmentation_logsnr, in_axes=(0, None, None)
+    )(u, low, high)
     assert np.array_equal(from_uniforms, direct)
     for w in (weighting.Sigmoid(bias=2.0), edm_monotonic):
         num = 1000
