@@ -5,7 +5,9 @@ process does not depend on the schedule (`process.probability_flow_drift_logsnr`
 
     dz/dlogsnr = v(z, logsnr) = 1/2 sigma^2 z - 1/2 sigma eps_hat(z; logsnr).
 
-The schedule only fixes the end points `logsnr_min` and `logsnr_max`. We integrate in
+The schedule only fixes the end points `logsnr_min` and `logsnr_max`, which enter the
+solve as arrays: a new range reuses the compilation, and a schedule whose end points
+are traced (one passed through `jax.jit`) works inside `jit`. We integrate in
 `logsnr` itself, not in `t`: the drift decays like `sigma^2` at high log-SNR and like
 `alpha^2` at low log-SNR, so an adaptive solver takes long steps at both ends of a
 range as wide as [-40, 40], whereas `dlogsnr/dt` of most schedules blows up there.
@@ -38,10 +40,10 @@ onto `q(z_min)`, the error it causes averages to
                                        <= E_x KL(q(z_min | x) || N(0, I)),
 
 the ELBO's prior term (`losses.prior_kl`), which every result reports as `prior_kl`.
-Per example the error is `log N(z_min) - log q(z_min)`, of the order of
-`alpha_min`. For checks, `NoisyMarginal(mixture)` uses the exact noisy marginal of a
-`GaussianMixture` as the prior instead, which makes (1) exact for the oracle up to
-solver error.
+Per example the error is `log N(z_min) - log q(z_min)` (`normal_prior_error`), of the
+order of `alpha_min`. For checks, `NoisyMarginal(mixture)` uses the exact noisy
+marginal of a `GaussianMixture` as the prior instead, which makes (1) exact for the
+oracle up to solver error.
 
 **Divergence.** Exact, by forward-mode Jacobian-vector products against basis
 vectors in chunks (memory bounded by `chunk_size` tangents at a time), or Hutchinson's
@@ -49,10 +51,15 @@ estimator `E[u^T J u] = tr J` with `num_probes` Rademacher or Gaussian probes dr
 once and held fixed through the solve. Each probe carries its own `delta`, so every
 probe gives a full log-likelihood estimate and their spread gives the standard error.
 
+**Discrete data.** For data on `k` levels, `dequantize` adds uniform noise within
+each level's bin and `ode_bits_per_dim` turns the solve into bits per dimension, term
+by term (prior, divergence integral, `D log alpha_max`, bin width).
+
 **Cost.** Every result reports the solver's steps and the number of evaluations of
 the vector field (each one denoiser call plus its Jacobian-vector products). A solve
-that stops at `max_steps` or fails otherwise is reported in the statistics and its
-log-likelihood is NaN, never a silently truncated number.
+that stops at `max_steps` or fails otherwise is reported in the statistics, and every
+value it would have produced (log-likelihood, probe estimates, their standard error,
+prior term, divergence integral, `z_min`) is NaN, never a silently truncated number.
 """
 
 import abc
@@ -87,6 +94,8 @@ __all__ = [
     "dequantize",
     "draw_probes",
     "eps_divergence",
+    "normal_prior_error",
+    "ode_bits_per_dim",
     "ode_log_likelihood",
     "solve_statistics",
 ]
@@ -161,6 +170,30 @@ class NoisyMarginal(Prior):
     def log_prob(self, z: Float[Array, "*shape"], logsnr: ScalarLike) -> Scalar:
         z = z.reshape(-1)
         return self.data.marginal_log_prob(z, logsnr).astype(z.dtype)
+
+
+def normal_prior_error(
+    data: GaussianMixture, z_min: Float[ArrayLike, "*shape"], logsnr_min: ScalarLike
+) -> Scalar:
+    """The exact error `log N(z_min; 0, I) - log q(z_min)` of the `N(0, I)` prior.
+
+    With the exact denoiser of Gaussian-mixture data, the flow carries `q(z_max)`
+    onto `q(z_min)`, so the ODE log-likelihood with the default `StandardNormal()`
+    prior exceeds the exact one by this amount, example by example, up to solver
+    error. Its mean over `z_min ~ q(z_min)` is `-KL(q(z_min) || N(0, I))`: never
+    positive, and no lower than minus the mean `prior_kl` (module docstring).
+
+    **Arguments:**
+
+    - `data`: the mixture whose exact denoiser drove the solve.
+    - `z_min`: the latent one example flows to (`stats["z_min"]`).
+    - `logsnr_min`: the noisy end of the solve.
+
+    **Returns:** a scalar, in nats.
+    """
+    z_min = jnp.asarray(z_min)
+    normal = StandardNormal().log_prob(z_min, logsnr_min)
+    return normal - NoisyMarginal(data).log_prob(z_min, logsnr_min)
 
 
 # --- the vector field and its divergence ----------------------------------------------
@@ -347,10 +380,11 @@ def _resolve_solver(solver):
 
 
 class _Options(eqx.Module):
-    """Everything static about a log-likelihood solve (hashable: one compilation)."""
+    """Everything static about a log-likelihood solve (hashable: one compilation).
 
-    logsnr_min: float = eqx.field(static=True)
-    logsnr_max: float = eqx.field(static=True)
+    The schedule's end points are not here: they are arrays, arguments of the solve.
+    """
+
     divergence: str = eqx.field(static=True)
     num_probes: int = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
@@ -404,13 +438,14 @@ def _draw_probes(keys, distribution: str, options: _Options, num_dims: int):
     return _draw(keys, distribution, shape, jnp.dtype(options.dtype))
 
 
-def _log_likelihood(model, x, probes, prior, solver, controller, options: _Options):
+def _log_likelihood(
+    model, x, probes, prior, solver, controller, ends, options: _Options
+):
     """One example: solve, then assemble equation (2) and the statistics."""
     dtype = options.dtype
     x = jnp.asarray(x, dtype)
     num_dims = x.size
-    logsnr_min = jnp.asarray(options.logsnr_min, dtype)
-    logsnr_max = jnp.asarray(options.logsnr_max, dtype)
+    logsnr_min, logsnr_max = ends
     log_alpha_max = 0.5 * log_alpha2(logsnr_max)
 
     # Enter the ODE at logsnr_max: z_max = alpha_max x for data, x itself for latents.
@@ -450,19 +485,22 @@ def _log_likelihood(model, x, probes, prior, solver, controller, options: _Optio
     else:
         std_error = jnp.full((), jnp.nan, dtype)
 
-    # A failed solve has no log-likelihood: NaN, with `successful` false.
-    log_likelihood = jnp.where(stats["successful"], log_likelihood, jnp.nan)
+    # A failed solve has no results: every value it produced is NaN, with
+    # `successful` false. The data Jacobian and prior_kl depend on x alone.
+    def unless_failed(value):
+        return jnp.where(stats["successful"], value, jnp.nan)
+
     x_data = z_max * jnp.exp(-log_alpha_max)
     stats.update(
-        std_error=std_error,
-        probe_log_likelihoods=estimates,
-        prior_log_prob=prior_log_prob,
-        divergence_integral=jnp.mean(delta),
+        std_error=unless_failed(std_error),
+        probe_log_likelihoods=unless_failed(estimates),
+        prior_log_prob=unless_failed(prior_log_prob),
+        divergence_integral=unless_failed(jnp.mean(delta)),
         data_jacobian=data_jacobian,
         prior_kl=losses.prior_kl(x_data, logsnr_min).astype(dtype),
-        z_min=z_min,
+        z_min=unless_failed(z_min),
     )
-    return log_likelihood, stats
+    return unless_failed(log_likelihood), stats
 
 
 def _prepare(
@@ -516,9 +554,13 @@ def _prepare(
         expected = "(num_examples, *shape)" if batched else "one example"
         raise ValueError(f"{owner}: x must be {expected}; got shape {x.shape}.")
     dtype = _float_dtype(x, dtype)
+    # NOTE: the end points are arrays, not Python floats: a new range reuses the
+    # compilation, and a schedule traced by `jax.jit` has traced end points.
+    ends = (
+        jnp.asarray(schedule.logsnr_min, dtype),
+        jnp.asarray(schedule.logsnr_max, dtype),
+    )
     options = _Options(
-        logsnr_min=float(schedule.logsnr_min),
-        logsnr_max=float(schedule.logsnr_max),
         divergence=divergence,
         num_probes=int(num_probes),
         chunk_size=int(chunk_size),
@@ -536,7 +578,7 @@ def _prepare(
         key = jax.random.split(key, x.shape[0])
     num_dims = math.prod(x.shape[1:] if batched else x.shape)
     probes = _draw_probes(key, probe_distribution, options, num_dims)
-    return x, probes, prior, solver, controller, options
+    return x, probes, prior, solver, controller, ends, options
 
 
 def ode_log_likelihood(
@@ -572,7 +614,8 @@ def ode_log_likelihood(
       the Jacobian `D log alpha_max`) or a latent at `logsnr_max`
       (`input_space="latent"`, no Jacobian).
     - `schedule`: fixes `logsnr_min` and `logsnr_max`; the ODE in log-SNR time does
-      not otherwise depend on it.
+      not otherwise depend on it. The end points enter the solve as arrays, so they
+      may be traced (a schedule passed through `jax.jit`).
     - `divergence`: `"exact"` (forward-mode Jacobian, `chunk_size` basis vectors at
       a time) or `"hutchinson"` with `num_probes` probes from `probe_distribution`,
       drawn once from `key` and fixed through the solve.
@@ -594,14 +637,17 @@ def ode_log_likelihood(
     divergence, NaN for a single probe), `probe_log_likelihoods`, `prior_log_prob`,
     `divergence_integral`, `data_jacobian`, `prior_kl` (`KL(q(z_min | x) ||
     N(0, I))` of the ELBO, which bounds the prior's mismatch on average over data)
-    and `z_min`, the noise the example flows to (its latent code; with the exact
-    marginal of the oracle, `log N(z_min; 0, I) - log q(z_min)` is the exact error
-    that the `N(0, I)` prior makes for this example).
+    and `z_min`, the noise the example flows to (its latent code; for oracle data,
+    `normal_prior_error` turns it into the exact error that the `N(0, I)` prior
+    makes for this example). When the solve fails, the log-likelihood and every
+    statistic computed from the solve (`std_error`, `probe_log_likelihoods`,
+    `prior_log_prob`, `divergence_integral`, `z_min`) are NaN; `data_jacobian` and
+    `prior_kl` depend on `x` alone and stay finite.
 
     For a batch, `jax.vmap` over `x` and `key` (each example keeps its own adaptive
     steps), or use `batch_ode_log_likelihood`, which compiles once per shape.
     """
-    x, probes, prior, solver, controller, options = _prepare(
+    x, probes, prior, solver, controller, ends, options = _prepare(
         "ode_log_likelihood",
         x,
         schedule=schedule,
@@ -621,14 +667,14 @@ def ode_log_likelihood(
         key=key,
         batched=False,
     )
-    return _log_likelihood(model, x, probes, prior, solver, controller, options)
+    return _log_likelihood(model, x, probes, prior, solver, controller, ends, options)
 
 
 @eqx.filter_jit
-def _batch_log_likelihood(model, x, probes, prior, solver, controller, options):
+def _batch_log_likelihood(model, x, probes, prior, solver, controller, ends, options):
     def one(example, probes):
         return _log_likelihood(
-            model, example, probes, prior, solver, controller, options
+            model, example, probes, prior, solver, controller, ends, options
         )
 
     return jax.vmap(one)(x, probes)
@@ -644,16 +690,17 @@ def batch_ode_log_likelihood(
 ) -> tuple[Float[Array, " num_examples"], dict[str, Array]]:
     """`ode_log_likelihood` of every example of a batch, jitted once per shape.
 
-    The model, the data, the prior's arrays and the tolerances are arguments of the
-    compiled function, not constants inside it: new parameter values (a model after
-    another training step, another tolerance) reuse the compilation. Each example
+    The model, the data, the prior's arrays, the tolerances, the Hutchinson probes
+    and the schedule's end points are arguments of the compiled function, not
+    constants inside it: new values (a model after another training step, another
+    tolerance, key or log-SNR range) reuse the compilation. Each example
     has its own adaptive steps and its own probes (`key` is split per example).
     Keyword options are those of `ode_log_likelihood`.
 
     **Returns:** `(log_likelihoods, stats)`, every statistic with a leading batch
     axis.
     """
-    x, probes, prior, solver, controller, settings = _prepare(
+    x, probes, prior, solver, controller, ends, settings = _prepare(
         "batch_ode_log_likelihood",
         x,
         schedule=schedule,
@@ -661,7 +708,9 @@ def batch_ode_log_likelihood(
         batched=True,
         **{**_DEFAULT_OPTIONS, **_check_option_names(options)},
     )
-    return _batch_log_likelihood(model, x, probes, prior, solver, controller, settings)
+    return _batch_log_likelihood(
+        model, x, probes, prior, solver, controller, ends, settings
+    )
 
 
 _DEFAULT_OPTIONS = dict(
@@ -705,9 +754,7 @@ def dequantize(
 
     **Raises:** at run time (`eqx.error_if`) when `x` is off the grid.
     """
-    _check_positive_int("dequantize", "num_levels", num_levels)
-    if num_levels < 2:
-        raise ValueError(f"dequantize: num_levels={num_levels} must be at least 2.")
+    _check_num_levels("dequantize", num_levels)
     x = jnp.asarray(x, jnp.result_type(x, float))
     position = (x + 1) * (num_levels - 1) / 2
     off_grid = jnp.abs(position - jnp.round(position)) > GRID_TOLERANCE
@@ -725,34 +772,124 @@ def dequantize(
     return x + bin_width * (u - 0.5)
 
 
+def _check_num_levels(owner: str, num_levels: Any) -> None:
+    _check_positive_int(owner, "num_levels", num_levels)
+    if num_levels < 2:
+        raise ValueError(f"{owner}: num_levels={num_levels} must be at least 2.")
+
+
+def _log_bin_width(num_levels: int) -> float:
+    """`log h`, `h = 2 / (k - 1)`: the width of a bin of `dequantize`'s grid."""
+    return math.log(2.0 / (num_levels - 1))
+
+
+def ode_bits_per_dim(
+    stats: dict[str, ArrayLike], *, num_dims: int, num_levels: int
+) -> dict[str, Array]:
+    """Bits per dimension of discrete data from the ODE solve of its dequantised copy.
+
+    Data `x` on `k = num_levels` levels `-1 + 2 i / (k - 1)` in [-1, 1]; each level
+    owns a bin of width `h = 2 / (k - 1)`, and `dequantize` draws `x_deq = x + h (u
+    - 1/2)`, `u ~ U(0, 1)^D`. The probability of `x`'s bin is the model's density
+    integrated over the bin, so by Jensen's inequality
+
+        -log P(x) = -log E_u [p(x_deq) h^D] <= E_u [-log p(x_deq)] - D log h.   (3)
+
+    The ODE started at `z_max = alpha_max x_deq` (`input_space="data"`) gives
+    `log p(x_deq)` by equations (1) and (2) of the module docstring, three terms that
+    the solve reports in `stats`. Written out, the code length of `x` is at most, in
+    bits per dimension,
+
+        bpd = ( - log prior(z_min)            bpd_prior   stats["prior_log_prob"]
+                - Int div v dlogsnr           bpd_flow    stats["divergence_integral"]
+                - D log alpha_max             bpd_scaling stats["data_jacobian"]
+                - D log h )                   bpd_dequantization
+              / (D log 2),
+
+    the integral running from `logsnr_max` down to `logsnr_min`. This is for one
+    draw of `u`: the mean over draws (and over data) is the bound (3), which the
+    exact model of the discrete data meets only when its density is flat on every
+    bin. The components sum to `bpd`:
+
+    - `bpd_prior`: minus the prior's log-density at `z_min` (`N(0, I)` by default:
+      about `log2(2 pi e) / 2 = 2.05` bits when `z_min` is typical).
+    - `bpd_flow`: minus the log-volume change of the flow from `z_max` to `z_min`.
+    - `bpd_scaling`: `-log2 alpha_max = log2(1 + exp(-logsnr_max)) / 2`, from
+      entering the ODE at `alpha_max x_deq`; it vanishes as `logsnr_max` grows.
+    - `bpd_dequantization`: `-log2 h = log2((k - 1) / 2)`, the same for every
+      example: the bin's volume, turning a density into a probability.
+
+    NOTE: the levels lie at `-1 + 2 i / (k - 1)`, so the extreme levels are exactly
+    -1 and 1 (`2 p / 255 - 1` for 8-bit pixels `p`, the grid of the discrete decoder
+    in `losses.reconstruction`), and the bins have width `2 / (k - 1)`. The offset
+    is then `log2((k - 1) / 2) = log2(127.5) = 6.994` bits for `k = 256`, not the 7
+    bits (`log2 128`) of VDM and score_sde, which tile [-1, 1] with `k` bins of width
+    `2 / k` (score_sde dequantises to `(p + u) / 256` and rescales by `2 x - 1`).
+    Both bound a code length of the same discrete data: the densities of the two
+    dequantised copies differ by the Jacobian of the rescaling `k / (k - 1)` between
+    them, which the offsets undo. Mixing them, as in adding 7 bits to a density of
+    data scaled as here, overstates the code length by `log2(256 / 255) = 0.0056`
+    bits per dimension.
+
+    **Arguments:**
+
+    - `stats`: the statistics of `ode_log_likelihood` (or of
+      `batch_ode_log_likelihood`, with a batch axis) for dequantised data and
+      `input_space="data"`: `prior_log_prob`, `divergence_integral` and
+      `data_jacobian` are used.
+    - `num_dims`: `D`, the number of dimensions of one example.
+    - `num_levels`: `k`, the number of levels of the discrete data.
+
+    **Returns:** a dict of arrays of the batch shape (scalars for one example):
+    `bpd` and its components `bpd_prior`, `bpd_flow`, `bpd_scaling` and
+    `bpd_dequantization`. A failed solve gives NaN `bpd`, `bpd_prior` and
+    `bpd_flow`.
+
+    **Raises:** `ValueError` for `num_levels < 2`, or for a `num_dims` that does
+    not match `stats["z_min"]`.
+    """
+    owner = "ode_bits_per_dim"
+    _check_positive_int(owner, "num_dims", num_dims)
+    _check_num_levels(owner, num_levels)
+    prior_log_prob = jnp.asarray(stats["prior_log_prob"])
+    if "z_min" in stats:
+        z_size = jnp.size(stats["z_min"])
+        if z_size != num_dims * prior_log_prob.size:
+            raise ValueError(
+                f"{owner}: num_dims={num_dims} does not match stats['z_min'] of "
+                f"{z_size} elements for {prior_log_prob.size} example(s)."
+            )
+    dtype = jnp.result_type(prior_log_prob, float)
+    to_bits = 1.0 / (num_dims * math.log(2.0))
+
+    # Each term of log p(x_deq) + D log h, as bits per dimension of -log P(x).
+    components = {
+        "bpd_prior": -prior_log_prob * to_bits,
+        "bpd_flow": -jnp.asarray(stats["divergence_integral"]) * to_bits,
+        "bpd_scaling": -jnp.asarray(stats["data_jacobian"]) * to_bits,
+        "bpd_dequantization": jnp.full(
+            prior_log_prob.shape, -_log_bin_width(num_levels) / math.log(2.0)
+        ),
+    }
+    components = {name: value.astype(dtype) for name, value in components.items()}
+    return {"bpd": sum(components.values()), **components}
+
+
 def bits_per_dim(
     log_likelihood: Float[ArrayLike, "*batch"], *, num_dims: int, num_levels: int
 ) -> Float[Array, "*batch"]:
     """Bits per dimension of discrete data from the density of its dequantised copy.
 
-    For data on `k = num_levels` levels `-1 + 2 i / (k - 1)` dequantised uniformly in
-    bins of width `h = 2 / (k - 1)` (`dequantize`), the probability of a bin is at
-    least the density times the bin's volume, on average over the dequantisation
-    noise `u` (Jensen):
-
-        log P(x) >= E_u [log p(x + h (u - 1/2))] + D log h,
-
-    so the discrete data cost at most
-
-        bpd = ( -log p / D        nats per dimension of the density
-                - log h )         the bin volume: + log((k - 1) / 2) per dimension
-              / log 2             nats to bits
-
-    bits per dimension, for one draw of `u`; average over draws for the bound. For
-    `k = 256` the offset is `log2(127.5) = 6.994` bits, the "+7" of image
-    likelihoods in [-1, 1]. `log_likelihood` is in nats, over `num_dims`
-    dimensions, as `ode_log_likelihood` returns it for `input_space="data"`.
+    The total of `ode_bits_per_dim`, from a log-likelihood in nats alone:
+    `(-log_likelihood / D - log h) / log 2` with `h = 2 / (k - 1)` the bin width of
+    `k = num_levels` levels in [-1, 1] (`dequantize`); see `ode_bits_per_dim` for
+    the bound this is and its terms. For `k = 256` the offset is `log2(127.5) =
+    6.994` bits, not the 7 of conventions with bins of width `2 / k`.
+    `log_likelihood` is in nats over `num_dims` dimensions, as `ode_log_likelihood`
+    returns it for `input_space="data"`.
     """
     _check_positive_int("bits_per_dim", "num_dims", num_dims)
-    _check_positive_int("bits_per_dim", "num_levels", num_levels)
-    if num_levels < 2:
-        raise ValueError(f"bits_per_dim: num_levels={num_levels} must be at least 2.")
+    _check_num_levels("bits_per_dim", num_levels)
     log_likelihood = jnp.asarray(log_likelihood, jnp.result_type(log_likelihood, float))
     nats_per_dim = -log_likelihood / num_dims
-    log_bin_width = math.log(2.0 / (num_levels - 1))
-    return (nats_per_dim - log_bin_width) / math.log(2.0)
+    return (nats_per_dim - _log_bin_width(num_levels)) / math.log(2.0)
