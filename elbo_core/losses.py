@@ -689,7 +689,8 @@ def reconstruction(
       The ELBO is then a bound on a density: its bits per dimension can be negative.
       For data quantised to `k` levels in [-1, 1] (bin width `2 / (k - 1)`) and
       uniformly dequantised, add `log2((k - 1) / 2)` bits per dimension to compare
-      with discrete likelihoods (7 bits for 8-bit images).
+      with discrete likelihoods (`log2 127.5 = 6.994` bits for 8-bit images; see
+      `likelihood.ode_bits_per_dim` on the 7 bits of other conventions).
     - `decoder="discrete"`: the probability of the bin of `x` among `num_levels`
       levels `-1 + 2 i / (k - 1)`, `Phi((x + h - z/alpha) alpha/sigma) - Phi((x - h -
       z/alpha) alpha/sigma)` with `h = 1 / (k - 1)`, the end bins open to infinity.
