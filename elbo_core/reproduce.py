@@ -138,6 +138,17 @@ def resolve_output_dir(output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def write_metrics(output_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write a notebook's `metrics.json` into `output_dir`, atomically.
+
+    The runner reads this file to decide that a notebook finished. Arrays and numpy
+    scalars become lists and numbers; a NaN or infinity is an error naming its key.
+
+    **Returns:** the path written.
+    """
+    return write_json(Path(output_dir) / METRICS_FILE, metrics)
+
+
 def _names(names: Sequence[str]) -> str:
     """Comma-separated names for an error message."""
     return ", ".join(names) if names else "(none)"

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from elbo_core import reproduce
@@ -327,3 +328,15 @@ def test_resolve_output_dir_is_relative_to_repo_root(tmp_path, monkeypatch):
     assert reproduce.resolve_output_dir("build/x") == tmp_path / "repo" / "build" / "x"
     assert (tmp_path / "a").is_dir()
     assert (tmp_path / "repo" / "build" / "x").is_dir()
+
+
+def test_write_metrics_is_what_the_runner_reads(tmp_path):
+    path = reproduce.write_metrics(tmp_path, {"error": np.float64(2.5e-10), "n": 3})
+    assert path == tmp_path / reproduce.METRICS_FILE
+    assert json.loads(path.read_text(encoding="utf-8")) == {"error": 2.5e-10, "n": 3}
+    assert [p.name for p in tmp_path.iterdir()] == [reproduce.METRICS_FILE]
+
+    # A NaN is refused before anything is written over the old file.
+    with pytest.raises(ValueError, match="residual"):
+        reproduce.write_metrics(tmp_path, {"residual": float("nan")})
+    assert json.loads(path.read_text(encoding="utf-8"))["n"] == 3
