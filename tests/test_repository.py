@@ -146,12 +146,8 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
-@pytest.mark.parametrize(
-    "target", ["test", "figures", "quick", "lab", "lint", "format", "bench", "clean"]
-)
-def test_makefile_defines_target(target):
-    # A dry run parses the Makefile and resolves the target without running it.
+def _dry_run(target: str) -> str:
+    """What `make` would run for `target` on a fresh checkout (nothing is run)."""
     process = subprocess.run(
         ["make", "--dry-run", "--always-make", target],
         cwd=ROOT,
@@ -160,6 +156,16 @@ def test_makefile_defines_target(target):
         timeout=30,
     )
     assert process.returncode == 0, process.stderr
+    return process.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+@pytest.mark.parametrize(
+    "target", ["test", "figures", "quick", "lab", "lint", "format", "bench", "clean"]
+)
+def test_makefile_defines_target(target):
+    # A dry run parses the Makefile and resolves the target without running it.
+    _dry_run(target)
 
 
 @pytest.mark.skipif(
@@ -192,19 +198,6 @@ def test_gitignore(path, ignored):
     assert (process.returncode == 0) == ignored, (
         f"{path} should {'' if ignored else 'not '}be ignored"
     )
-
-
-def _dry_run(target: str) -> str:
-    """What `make` would run for `target` on a fresh checkout (nothing is run)."""
-    process = subprocess.run(
-        ["make", "--dry-run", "--always-make", target],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert process.returncode == 0, process.stderr
-    return process.stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
