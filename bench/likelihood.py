@@ -734,28 +734,21 @@ def main(argv=None) -> dict:
             flush=True,
         )
 
+    # (model name, model, data, rows timed against the reference, examples it solves)
+    compared = [
+        ("mlp-2d", model_2d, x_2d, ["2d_exact_f64", "2d_exact_f64_rms"], 16),
+        ("mlp-784", model_784, x_784, ["784_hutch1_f64", "784_hutch1_f64_rms"], 4),
+        ("conv-784", model_conv, x_conv, ["conv_hutch1_f32"], 4),
+    ]
     references = [
         compare_with_reference(
-            "mlp-2d",
-            model_2d,
-            x_2d,
-            [rows["2d_exact_f64"], rows["2d_exact_f64_rms"]],
-            num_examples=4 if quick else 16,
-        ),
-        compare_with_reference(
-            "mlp-784",
-            model_784,
-            x_784,
-            [rows["784_hutch1_f64"], rows["784_hutch1_f64_rms"]],
-            num_examples=1 if quick else 4,
-        ),
-        compare_with_reference(
-            "conv-784",
-            model_conv,
-            x_conv,
-            [rows["conv_hutch1_f32"]],
-            num_examples=1 if quick else 4,
-        ),
+            name,
+            model,
+            x,
+            [rows[key] for key in keys],
+            num_examples=1 if quick else num_examples,
+        )
+        for name, model, x, keys, num_examples in compared
     ]
 
     def values(key):

@@ -201,6 +201,29 @@ class GaussianMixture(eqx.Module):
         log_scale, log_var = self._marginal_terms(logsnr)
         return jax.nn.logsumexp(self._component_log_probs(z, log_scale, log_var))
 
+    def perturbed_log_prob(
+        self, x: Float[ArrayLike, " D"], logsnr: ScalarLike
+    ) -> Scalar:
+        """Exact log-density of `x + exp(-logsnr / 2) eps`: the data with noise added.
+
+        The noisy latent rescaled to data space, `z / alpha`, so that
+        `log q(alpha x) + D log alpha`; it is what `likelihood.ode_log_likelihood`
+        of data `x` (entering the ODE at `logsnr`) estimates for this mixture's
+        exact denoiser with the exact prior, and the density of the paper's
+        Gaussian-noise-augmented data at one noise level.
+
+        **Arguments:**
+
+        - `x`: a point of shape `(D,)`.
+        - `logsnr`: the noise level, a scalar.
+
+        **Returns:** a scalar.
+        """
+        x = jnp.asarray(x)
+        log_alpha = 0.5 * log_alpha2(logsnr)
+        z = jnp.exp(log_alpha) * x
+        return self.marginal_log_prob(z, logsnr) + x.size * log_alpha
+
     def posterior_weights(
         self, z: Float[ArrayLike, " D"], logsnr: ScalarLike
     ) -> Float[Array, " K"]:

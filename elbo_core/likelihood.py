@@ -65,7 +65,6 @@ prior term, divergence integral, `z_min`) is NaN, never a silently truncated num
 import abc
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -77,6 +76,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar, ScalarLike
 
 from . import losses
 from .analytic import GaussianMixture
+from .losses import Denoiser
 from .process import log_alpha2, log_sigma2
 from .schedules import Schedule
 
@@ -99,8 +99,6 @@ __all__ = [
     "ode_log_likelihood",
     "solve_statistics",
 ]
-
-Denoiser = Callable[..., Any]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")

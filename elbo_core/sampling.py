@@ -39,6 +39,7 @@ from .likelihood import (
     _rms_norm,
     solve_statistics,
 )
+from .losses import Denoiser
 from .process import log_alpha2, log_sigma2, probability_flow_drift_logsnr
 from .schedules import Schedule
 
@@ -50,8 +51,6 @@ __all__ = [
     "ode_sample",
     "probability_flow",
 ]
-
-Denoiser = Callable[..., Any]
 
 DDPM_VARIANCES = ("posterior", "forward")
 

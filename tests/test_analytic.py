@@ -176,6 +176,20 @@ def test_marginal_log_prob_matches_scipy(case):
         assert abs(values["marginal_log_prob"][i] - expected) < LOG_PROB_ATOL
 
 
+def test_perturbed_log_prob_is_the_mixture_with_wider_components(case):
+    # x + exp(-logsnr / 2) eps has components N(mu_k, (s_k^2 + exp(-logsnr)) I).
+    name, mixture, z, logsnr, _ = case
+    spec = MIXTURES[name]
+    for i in range(0, len(z), 37):
+        widened = dict(
+            means=spec["means"],
+            stds=np.sqrt(np.asarray(spec["stds"]) ** 2 + np.exp(-logsnr[i])),
+            weights=spec["weights"],
+        )
+        value = float(mixture.perturbed_log_prob(z[i], logsnr[i]))
+        assert abs(value - _scipy_log_prob(widened, z[i])) < LOG_PROB_ATOL
+
+
 def test_score_is_gradient_of_marginal(case):
     *_, values = case
     scale = np.max(np.abs(values["autodiff_score"]), axis=-1, keepdims=True)
